@@ -1,0 +1,62 @@
+"""The KV cache: an explicit pytree, donated into jit, never hidden state.
+
+One `KVCache` holds, for a batch of B rows (prompts in prefill, slots in decode), the keys and values
+of every layer over S cache positions, plus `valid` [B, S]: which positions hold a real token. A
+position is written once, when its token is processed; attention reads only valid positions at or
+before the query's own cache index. Keeping the validity explicit (rather than a per-row length)
+lets one forward function serve right-padded prompts, left-padded prompts and decode steps alike.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from model.config import GPTJConfig
+from model.sharding import BATCH, CACHE_SEQ, HEAD_DIM, HEADS, ParamSpec
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, S, N, H]
+    v: tuple[jax.Array, ...]  # per layer [B, S, N, H]
+    valid: jax.Array  # [B, S] bool
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    @staticmethod
+    def param_specs(cfg: GPTJConfig, batch: int, length: int, dtype) -> "KVCache":
+        kv = ParamSpec((batch, length, cfg.n_heads, cfg.head_dim), dtype, (BATCH, CACHE_SEQ, HEADS, HEAD_DIM))
+        return KVCache(
+            k=(kv,) * cfg.n_layers,
+            v=(kv,) * cfg.n_layers,
+            valid=ParamSpec((batch, length), jnp.bool_, (BATCH, CACHE_SEQ)),
+        )
+
+    @staticmethod
+    def zeros(cfg: GPTJConfig, batch: int, length: int, dtype) -> "KVCache":
+        kv = [jnp.zeros((batch, length, cfg.n_heads, cfg.head_dim), dtype) for _ in range(2 * cfg.n_layers)]
+        return KVCache(
+            k=tuple(kv[: cfg.n_layers]), v=tuple(kv[cfg.n_layers :]), valid=jnp.zeros((batch, length), jnp.bool_)
+        )
+
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token costs across all layers (k and v)."""
+        k0 = self.k[0]
+        return 2 * len(self.k) * k0.shape[2] * k0.shape[3] * k0.dtype.itemsize
+
+
+def write_rows(cache_leaf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, T, ...] into cache_leaf [B, S, ...] at per-row offsets start [B]."""
+
+    def one_row(row, values, offset):
+        return jax.lax.dynamic_update_slice_in_dim(row, values, offset, axis=0)
+
+    return jax.vmap(one_row)(cache_leaf, new.astype(cache_leaf.dtype), start)
