@@ -1,0 +1,1 @@
+"""The Ray Serve application: ingress -> batcher -> replica, bound in app.builder."""

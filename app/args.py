@@ -1,0 +1,51 @@
+"""The application's one typed args object: what `serve_config.yaml` / `serveConfigV2` `args:` hold.
+
+`app.builder:build_app(args: AppArgs)` is the Serve import path; Ray validates the YAML `args`
+dict into this model, so a typo or a bad value fails at deploy time with the field's name.
+This module imports neither Ray nor JAX, so the KubeRay renderer and tests can use it anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # -- the model -------------------------------------------------------------------------------
+    model_name: str = Field("gpt-j-6b", description="the name clients use (OpenAI `model`, Saxml `model`)")
+    checkpoint: str = Field("tiny", description="preset (tiny, small, gptj-6b), HF or native dir, or gs:// URI")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    quantize: Literal["none", "int8"] = Field("none", description="int8 weight-only quantization at load")
+    mesh: int = Field(1, description="devices the replica shards the model over (4 on a TPU v5e 2x2 host)")
+    tpu_chips: Literal[0, 1, 2, 4, 8] = Field(0, description="TPU chips the replica requests (0 locally, 4 on GKE)")
+
+    # -- the engine ------------------------------------------------------------------------------
+    prompt_buckets: tuple[int, ...] = (32, 128, 512)
+    prefill_batch_buckets: tuple[int, ...] = (1, 4, 8)
+    slots: int = Field(8, ge=1, description="concurrent decodes per replica")
+    max_cache_len: int | None = Field(None, description="cache positions per slot (default: model n_positions)")
+
+    # -- the batcher -----------------------------------------------------------------------------
+    batch_max_size: int = Field(8, ge=1, description="largest prefill batch the batcher forms")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+
+    # -- the HTTP API ----------------------------------------------------------------------------
+    default_max_tokens: int = Field(16, ge=1)
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
+    max_n: int = Field(8, ge=1, description="largest `n` (completions per prompt)")
+    stream_chunk_tokens: int = Field(4, ge=1, description="tokens relayed per streaming chunk between deployments")
+    stream_chunk_ms: float = Field(20.0, ge=0, description="or after this long, whichever comes first")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppArgs":
+        if self.mesh not in (1, 2, 4, 8):
+            raise ValueError(f"mesh must be 1, 2, 4 or 8, got {self.mesh}")
+        if self.tpu_chips and self.mesh > self.tpu_chips:
+            raise ValueError(f"mesh={self.mesh} needs at least that many chips, tpu_chips={self.tpu_chips}")
+        if self.batch_max_size > self.slots:
+            raise ValueError(f"batch_max_size={self.batch_max_size} exceeds slots={self.slots}")
+        return self
