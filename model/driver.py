@@ -90,13 +90,24 @@ class _Live:
 
 
 class Driver:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, max_waiting: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        max_waiting: int | None = None,
+        on_prefill: Callable[[int, list[float]], None] | None = None,
+    ):
+        """`on_prefill(prompt_bucket, waited_seconds)`, if given, is called from the stepping thread
+        after each prefill batch, with how long each of its requests waited since `submit` (for a
+        server's queue-time and batch-size metrics)."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
+        self.on_prefill = on_prefill
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._cancelled: set[str] = set()
+        self._live_ids: set[str] = set()  # waiting or decoding
         self._slots: list[_Live | None] = [None] * engine.max_concurrent_decodes
         self._state = engine.init_decode_state()
         self._thread: threading.Thread | None = None
@@ -133,19 +144,34 @@ class Driver:
 
     def submit(self, request: Request, on_output: Callable[[Output], None]) -> str:
         """Queue a request; outputs arrive through `on_output` from the stepping thread."""
-        self.validate(request)
-        stop_ids = set(request.stop_token_ids)
-        if request.stop_at_eos:
-            stop_ids.add(self.engine.cfg.eos_token_id)
-        live = _Live(request, on_output, self.tokenizer.detokenizer(), frozenset(stop_ids), time.monotonic())
+        return self.submit_many([(request, on_output)])[0]
+
+    def submit_many(self, items: Sequence[tuple[Request, Callable[[Output], None]]]) -> list[str]:
+        """Queue several requests at once, so the next admission sees them together: those that share
+        a prompt bucket are prefilled in one batch (a server's batcher hands over whole batches).
+        All are validated first; if one is rejected, none is queued."""
+        for request, _ in items:
+            self.validate(request)
+        lives = []
+        for request, on_output in items:
+            stop_ids = set(request.stop_token_ids)
+            if request.stop_at_eos:
+                stop_ids.add(self.engine.cfg.eos_token_id)
+            detok = self.tokenizer.detokenizer()
+            lives.append(_Live(request, on_output, detok, frozenset(stop_ids), time.monotonic()))
         with self._lock:
             if self.error is not None:
                 raise RuntimeError(f"engine loop has failed: {self.error}")
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+            if self.max_waiting is not None and len(self._waiting) + len(lives) > self.max_waiting:
                 raise OverflowError(f"{len(self._waiting)} requests already waiting (limit {self.max_waiting})")
-            self._waiting.append(live)
+            ids = [live.request.request_id for live in lives]
+            clash = next((i for n, i in enumerate(ids) if i in self._live_ids or i in ids[:n]), None)
+            if clash is not None:  # ids address cancellation: two live requests may not share one
+                raise RequestRejected(f"request_id {clash!r} is already in flight")
+            self._waiting.extend(lives)
+            self._live_ids.update(ids)
             self._lock.notify()
-        return request.request_id
+        return [request.request_id for request, _ in items]
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its slot is free at the next step. Unknown or finished ids are ignored."""
@@ -204,6 +230,7 @@ class Driver:
                 fits = len(batch) < limit and self.engine.prompt_bucket(len(live.request.prompt_ids)) == bucket
                 (batch if fits else kept).append(live)
             self._waiting = kept
+        admitted_at = time.monotonic()
         for live in batch:
             if live.request.seed is None:
                 live.request.seed = _seed_source.randrange(2**31)
@@ -216,6 +243,8 @@ class Driver:
         self._state = self.engine.insert(prefix, self._state, slots)
         self.stats["prefill_batches"] += 1
         self.stats["prefill_rows"] += len(batch)
+        if self.on_prefill is not None:
+            self.on_prefill(bucket, [admitted_at - live.submitted_at for live in batch])
         tokens, logprobs = jax.device_get((prefix.tokens, prefix.logprobs))
         for row, (live, slot) in enumerate(zip(batch, slots)):
             live.slot = slot
@@ -256,6 +285,8 @@ class Driver:
             live.slot = None
         text = live.text[live.sent_chars :]
         live.sent_chars = len(live.text)
+        with self._lock:
+            self._live_ids.discard(live.request.request_id)
         self._emit(live, Output(live.request.request_id, list(token_ids), list(logprobs), text, True, reason, error))
 
     @staticmethod

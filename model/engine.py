@@ -295,7 +295,7 @@ class Engine:
                 print(f"warm-up: prefill+insert shape {i + 1}/{len(shapes)} (prompt {t}, batch {b}), "
                       f"{time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
             params = SamplingParams.host([0.0] * b, [0] * b, [1.0] * b, [0] * b)
-            prefix = self.prefill([[0]] * b, params)
+            prefix = self.prefill([[0] * t] * b, params)  # length t selects bucket t
             state = self.insert(prefix, state, list(range(b)))
         state, out = self.generate(state)
         jax.block_until_ready(out)

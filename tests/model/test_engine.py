@@ -1,0 +1,256 @@
+"""The engine and its driver: static shapes with zero recompiles after warm-up, continuous batching
+that never changes a request's result, per-request sampling, stops, cancellation, rejections."""
+
+import dataclasses
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from model import checkpoint, transformer
+from model.driver import Driver, Request
+from model.engine import Engine, EngineConfig, RequestRejected, compilation_count
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+
+CONFIG = EngineConfig(prompt_buckets=(8, 16, 32), batch_buckets=(1, 2, 4), slots=4, max_cache_len=64)
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    return checkpoint.load(hf_checkpoint.path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    engine = Engine(loaded.weights, loaded.cfg, CONFIG)
+    engine.warmup(progress=False)
+    return engine
+
+
+def new_driver(engine, tokenizer):
+    return Driver(engine, tokenizer)
+
+
+def run_alone(engine, tokenizer, request: Request):
+    return new_driver(engine, tokenizer).generate([dataclasses.replace(request)])[0]
+
+
+def random_prompt(rng, vocab, lo=1, hi=30):
+    return [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))]
+
+
+def test_engine_api_prefill_insert_generate_matches_full_forward(engine, loaded):
+    """The JetStream-shaped API by hand: two prompts into slots 3 and 1, then decode steps."""
+    cfg, w = loaded.cfg, loaded.weights
+    prompts = [[5, 9, 2, 7, 1], [3, 3, 8, 11, 12, 13, 14, 15, 16, 2, 4]]
+    state = engine.init_decode_state()
+    prefix = engine.prefill(prompts, SamplingParams.host([0, 0], [0, 0], [1, 1], [0, 0]))
+    state = engine.insert(prefix, state, [3, 1])
+    seqs = {3: list(prompts[0]), 1: list(prompts[1])}
+    firsts = np.asarray(prefix.tokens)
+    seqs[3].append(int(firsts[0]))
+    seqs[1].append(int(firsts[1]))
+    for _ in range(5):
+        state, out = engine.generate(state)
+        for slot in (3, 1):
+            seqs[slot].append(int(out.tokens[slot]))
+    for slot, prompt in ((3, prompts[0]), (1, prompts[1])):
+        full = np.asarray(transformer.full_logits(w, cfg, np.array([seqs[slot]])))[0]
+        expected = np.argmax(full[len(prompt) - 1 : -1, : cfg.real_vocab_size], axis=-1)
+        assert seqs[slot][len(prompt):] == expected.tolist()
+    assert engine.max_concurrent_decodes == 4 and engine.max_prefill_length == 32
+
+
+def test_warmup_then_no_compilation_at_all(loaded, tokenizer):
+    """A fresh engine: after warm-up, serving compiles nothing, and the engine's own counter says so."""
+    engine = Engine(loaded.weights, loaded.cfg, CONFIG)
+    assert engine.compilations_since_warmup is None
+    engine.warmup(progress=False)
+    Driver(engine, tokenizer).generate([Request([1] * n, 5, temperature=0.5, top_p=0.8, seed=n) for n in (3, 9, 20, 31)])
+    assert engine.compilations_since_warmup == 0
+
+
+def test_zero_recompiles_after_warmup(engine, loaded, tokenizer):
+    assert engine.warmup_seconds is not None and engine.warmup_seconds > 0
+    rng = random.Random(0)
+    driver = new_driver(engine, tokenizer)
+    before = compilation_count()  # process-wide: other tests compile their own reference passes
+    for step in range(60):
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            driver.submit(Request(
+                prompt_ids=random_prompt(rng, loaded.cfg.vocab_size), max_tokens=rng.randint(1, 20),
+                temperature=rng.choice([0.0, 0.7, 1.3]), top_k=rng.choice([0, 1, 5, 200]),
+                top_p=rng.choice([1.0, 0.9, 0.3]), seed=rng.randrange(1000),
+                stop=rng.choice([(), ("a",)]),
+            ), lambda out: None)
+        driver.step()
+    while driver.has_work():
+        driver.step()
+    assert driver.stats["prefill_batches"] > 5 and driver.stats["decode_steps"] > 20
+    assert compilation_count() - before == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_output_is_the_same_alone_and_among_joining_and_leaving_requests(engine, loaded, tokenizer, seed):
+    rng = random.Random(seed)
+    vocab = loaded.cfg.vocab_size
+    target = Request(prompt_ids=random_prompt(rng, vocab, 3, 30), max_tokens=25)
+    alone = run_alone(engine, tokenizer, target)
+
+    driver = new_driver(engine, tokenizer)
+    outputs = []
+    others = []
+    for _ in range(rng.randint(0, 3)):  # some requests are already running when the target arrives
+        others.append(driver.submit(Request(random_prompt(rng, vocab), rng.randint(1, 30), temperature=1.0, seed=1),
+                                    lambda o: None))
+    for _ in range(rng.randint(0, 4)):
+        driver.step()
+    driver.submit(dataclasses.replace(target, request_id="target"), outputs.append)
+    while driver.has_work():
+        target_running = not (outputs and outputs[-1].finished)
+        if target_running and rng.random() < 0.4:  # arrivals only while the target runs, so this ends
+            others.append(driver.submit(Request(random_prompt(rng, vocab), rng.randint(1, 30)), lambda o: None))
+        if others and rng.random() < 0.15:
+            driver.cancel(rng.choice(others))
+        driver.step()
+    assert [t for o in outputs for t in o.token_ids] == alone.token_ids
+    np.testing.assert_allclose([lp for o in outputs for lp in o.logprobs], alone.logprobs, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_neighbours(engine, loaded, tokenizer):
+    rng = random.Random(5)
+    sampled = Request(prompt_ids=[4, 8, 15, 16, 23, 42], max_tokens=20, temperature=1.0, top_p=0.95, top_k=50, seed=123)
+    alone = run_alone(engine, tokenizer, sampled)
+    driver = new_driver(engine, tokenizer)
+    crowd = [Request(random_prompt(rng, loaded.cfg.vocab_size), 20, temperature=1.0, seed=i) for i in range(3)]
+    results = driver.generate(crowd[:2] + [dataclasses.replace(sampled)] + crowd[2:])
+    assert results[2].token_ids == alone.token_ids
+    other_seed = run_alone(engine, tokenizer, dataclasses.replace(sampled, seed=124))
+    assert other_seed.token_ids != alone.token_ids  # the seed matters
+
+
+def test_top_k_one_is_greedy(engine, tokenizer):
+    greedy = run_alone(engine, tokenizer, Request([1, 2, 3], 15))
+    top1 = run_alone(engine, tokenizer, Request([1, 2, 3], 15, temperature=1.5, top_k=1, seed=9))
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_logprobs_are_the_models_own(engine, loaded, tokenizer):
+    cfg, w = loaded.cfg, loaded.weights
+    prompt = [7, 7, 100, 3]
+    result = run_alone(engine, tokenizer, Request(prompt, 10, temperature=2.0, top_p=0.5, seed=3))
+    full = np.asarray(transformer.full_logits(w, cfg, np.array([prompt + result.token_ids])))[0]
+    logp = jax.nn.log_softmax(full[:, : cfg.real_vocab_size], axis=-1)
+    expected = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(result.token_ids)]
+    np.testing.assert_allclose(result.logprobs, expected, atol=1e-4)
+
+
+def test_max_tokens_stop_token_and_eos(engine, loaded, tokenizer):
+    base = Request([10, 20, 30], 12)
+    full = run_alone(engine, tokenizer, base)
+    assert len(full.token_ids) == 12 and full.finish_reason == "length"
+
+    stop_at = next(i for i in range(2, 12) if full.token_ids[i] not in full.token_ids[:i])
+    stop_token = full.token_ids[stop_at]
+    stopped = run_alone(engine, tokenizer, dataclasses.replace(base, stop_token_ids=[stop_token]))
+    assert stopped.token_ids == full.token_ids[:stop_at] and stopped.finish_reason == "stop"
+
+    eos_engine = Engine(loaded.weights, dataclasses.replace(loaded.cfg, eos_token_id=stop_token), CONFIG)
+    eos_driver = Driver(eos_engine, tokenizer)
+    ignored, honoured = eos_driver.generate([dataclasses.replace(base, request_id="ignore-eos"),
+                                             dataclasses.replace(base, request_id="stop-at-eos", stop_at_eos=True)])
+    assert ignored.token_ids == full.token_ids
+    assert honoured.token_ids == full.token_ids[:stop_at] and honoured.finish_reason == "stop"
+
+
+def test_stop_string_is_matched_on_text_and_never_returned(engine, tokenizer):
+    base = Request([1, 2, 3, 4], 30)
+    full = run_alone(engine, tokenizer, base)
+    assert full.text == tokenizer.decode(full.token_ids)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    first = full.text.find(stop)
+    assert stop and first >= 0
+
+    pieces = []
+    driver = new_driver(engine, tokenizer)
+    driver.submit(dataclasses.replace(base, stop=["zzzz-never", stop], request_id="s"), pieces.append)
+    while driver.has_work():
+        driver.step()
+    text = "".join(p.text for p in pieces)
+    assert text == full.text[:first]
+    assert pieces[-1].finish_reason == "stop"
+    assert all(stop not in p.text for p in pieces)
+
+
+def test_cancel_frees_the_slot_at_the_next_step(engine, tokenizer):
+    driver = new_driver(engine, tokenizer)
+    outputs = []
+    driver.submit(Request([1, 2, 3], 50, request_id="long"), outputs.append)
+    for _ in range(3):
+        driver.step()
+    assert driver.active_slots == 1
+    driver.cancel("long")
+    driver.step()
+    assert driver.active_slots == 0
+    assert outputs[-1].finished and outputs[-1].finish_reason == "cancelled"
+    assert 1 <= sum(len(o.token_ids) for o in outputs) < 50
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    (dict(prompt_ids=list(range(33)), max_tokens=1), "prompt has 33 tokens; the largest prompt bucket is 32"),
+    (dict(prompt_ids=list(range(30)), max_tokens=40), "= 70 exceeds the context limit of 64"),
+    (dict(prompt_ids=[], max_tokens=4), "prompt is empty"),
+    (dict(prompt_ids=[1, 5000], max_tokens=4), "token id 5000 is outside the vocabulary"),
+    (dict(prompt_ids=[1, -3], max_tokens=4), "token id -3 is outside the vocabulary"),
+    (dict(prompt_ids=[1], max_tokens=0), "max_tokens must be a positive integer"),
+    (dict(prompt_ids=[1], max_tokens=4, temperature=-0.5), "temperature must be >= 0"),
+    (dict(prompt_ids=[1], max_tokens=4, temperature=float("nan")), "temperature must be >= 0"),
+    (dict(prompt_ids=[1], max_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(prompt_ids=[1], max_tokens=4, top_k=-1), "top_k must be >= 0"),
+])
+def test_bad_requests_are_refused_with_the_reason(engine, tokenizer, request_kwargs, message):
+    with pytest.raises(RequestRejected, match=message):
+        new_driver(engine, tokenizer).submit(Request(**request_kwargs), lambda o: None)
+
+
+def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
+    """A GPT-J-sized vocabulary (50400 rows): even when the padding rows have the largest logits,
+    neither greedy nor sampling ever picks one of them."""
+    from model.config import preset
+
+    cfg = preset("tiny")
+    loaded = checkpoint.load("tiny", progress=False)
+    bias = loaded.weights.lm_head_bias.at[cfg.real_vocab_size :].set(1e4)
+    weights = loaded.weights.replace(lm_head_bias=bias)
+    engine = Engine(weights, cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(2,), slots=2, max_cache_len=32))
+    results = Driver(engine, tokenizer).generate([
+        Request([1, 2], 10), Request([3, 4], 10, temperature=5.0, seed=1),
+    ])
+    for r in results:
+        assert len(r.token_ids) == 10
+        assert all(t < cfg.real_vocab_size for t in r.token_ids)
+
+
+def test_config_validation_names_the_problem(loaded):
+    with pytest.raises(ValueError, match="largest batch bucket 8 exceeds slots=4"):
+        Engine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(1, 8), slots=4))
+    with pytest.raises(ValueError, match="largest prompt bucket 512 exceeds max_cache_len=64"):
+        Engine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(512,), slots=4, batch_buckets=(1,),
+                                                        max_cache_len=64))
+
+
+def test_duplicate_request_id_in_flight_is_refused(engine, tokenizer):
+    driver = new_driver(engine, tokenizer)
+    driver.submit(Request([1, 2], 5, request_id="dup"), lambda o: None)
+    with pytest.raises(RequestRejected, match="request_id 'dup' is already in flight"):
+        driver.submit(Request([3], 5, request_id="dup"), lambda o: None)
+    while driver.has_work():
+        driver.step()
+    driver.submit(Request([3], 5, request_id="dup"), lambda o: None)  # finished ids can be reused
