@@ -122,6 +122,26 @@ def hf_recipes(cfg: GPTJConfig) -> dict[str, Recipe]:
     return recipes
 
 
+def native_to_hf(cfg: GPTJConfig, named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `hf_recipes`: native leaves -> a Hugging Face GPT-J state dict (so
+    transformers can run exactly the weights a preset or native checkpoint holds)."""
+    d = cfg.d_model
+    out = {"transformer.wte.weight": named["wte"], "transformer.ln_f.weight": named["ln_f_scale"],
+           "transformer.ln_f.bias": named["ln_f_bias"], "lm_head.weight": named["lm_head"].T,
+           "lm_head.bias": named["lm_head_bias"]}
+    for i in range(cfg.n_layers):
+        p, n = f"transformer.h.{i}.", f"layers.{i}."
+        qkv = named[n + "qkv"].reshape(d, 3, d)  # [D, 3, N*H]
+        out |= {
+            p + "ln_1.weight": named[n + "ln_scale"], p + "ln_1.bias": named[n + "ln_bias"],
+            p + "attn.q_proj.weight": qkv[:, 0].T, p + "attn.k_proj.weight": qkv[:, 1].T,
+            p + "attn.v_proj.weight": qkv[:, 2].T, p + "attn.out_proj.weight": named[n + "out"].reshape(d, d).T,
+            p + "mlp.fc_in.weight": named[n + "fc_in"].T, p + "mlp.fc_in.bias": named[n + "fc_in_bias"],
+            p + "mlp.fc_out.weight": named[n + "fc_out"].T, p + "mlp.fc_out.bias": named[n + "fc_out_bias"],
+        }
+    return out
+
+
 def hf_source_shapes(cfg: GPTJConfig) -> dict[str, tuple[int, ...]]:
     """The shape every HF GPT-J tensor must have for this config."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size

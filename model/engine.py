@@ -161,8 +161,8 @@ def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, *, cfg: GPTJConfi
     t = prefix.cache.length
     s = state.cache.length
 
-    def put_kv(dst, src):  # dst [slots, S, N, H], src [b, T, N, H]
-        return dst.at[slot_ids, :t].set(src, mode="drop")
+    def put_kv(dst, src):  # dst [slots, N, S, H], src [b, N, T, H]
+        return dst.at[slot_ids, :, :t].set(src, mode="drop")
 
     valid_rows = jnp.pad(prefix.cache.valid, ((0, 0), (0, s - t)))  # [b, S]
     cache = KVCache(

@@ -58,16 +58,16 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, rotary_dim: int) 
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Softmax attention. q [B, T, N, H], k and v [B, S, N, H], allowed [B, T, S] -> [B, T, N, H].
+    """Softmax attention. q [B, T, N, H], k and v [B, N, S, H], allowed [B, T, S] -> [B, T, N, H].
 
     Scores and softmax run in float32; masked entries get the float32 minimum (as transformers
     does), so a row with nothing allowed (a padding query) stays finite and is ignored later."""
     head_dim = q.shape[-1]
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = jnp.einsum("BTNH,BNSH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32))
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     scores = jnp.where(allowed[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, N, T, S]
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    return jnp.einsum("BNTS,BNSH->BTNH", probs, v)
 
 
 def mlp(x: jax.Array, fc_in, fc_in_bias: jax.Array, fc_out, fc_out_bias: jax.Array) -> jax.Array:

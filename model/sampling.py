@@ -37,8 +37,9 @@ class SamplingParams:
 
 def chosen_logprobs(logits: jax.Array, tokens: jax.Array, real_vocab: int) -> jax.Array:
     """log p(tokens) under log-softmax of logits [B, V] restricted to the real vocabulary."""
-    logp = jax.nn.log_softmax(logits[:, :real_vocab].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    real = logits[:, :real_vocab].astype(jnp.float32)
+    chosen = jnp.take_along_axis(real, tokens[:, None], axis=-1)[:, 0]
+    return chosen - jax.nn.logsumexp(real, axis=-1)
 
 
 def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -63,16 +64,20 @@ def sample(logits: jax.Array, params: SamplingParams, step: jax.Array, real_voca
     logits = jnp.where(jnp.arange(vocab)[None, :] < real_vocab, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
-    scaled = logits / temperature[:, None]
-    needs_filter = jnp.any(((params.top_k > 0) & (params.top_k < real_vocab)) | (params.top_p < 1.0))
-    # The sort behind top-k / top-p is skipped at run time when no row asks for either.
-    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, params.top_k, params.top_p)
+    def sampled(logits):
+        temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
+        scaled = logits / temperature[:, None]
+        needs_filter = jnp.any(((params.top_k > 0) & (params.top_k < real_vocab)) | (params.top_p < 1.0))
+        # The sort behind top-k / top-p runs only when some row asks for either.
+        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, params.top_k, params.top_p)
 
-    def draw(seed, n, row):
-        key = jax.random.fold_in(jax.random.key(seed), n)
-        return jax.random.categorical(key, row)
+        def draw(seed, n, row):
+            key = jax.random.fold_in(jax.random.key(seed), n)
+            return jax.random.categorical(key, row)
 
-    drawn = jax.vmap(draw)(params.seed, step, scaled).astype(jnp.int32)
-    tokens = jnp.where(params.temperature > 0, drawn, greedy)
+        drawn = jax.vmap(draw)(params.seed, step, scaled).astype(jnp.int32)
+        return jnp.where(params.temperature > 0, drawn, greedy)
+
+    # Random draws over the vocabulary cost more than the argmax: skipped when every row is greedy.
+    tokens = jax.lax.cond(jnp.any(params.temperature > 0), sampled, lambda _: greedy, logits)
     return tokens, chosen_logprobs(logits, tokens, real_vocab)

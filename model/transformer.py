@@ -121,8 +121,8 @@ def block(
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
     q = layers.apply_rotary(q, sin, cos, cfg.rotary_dim)
     k = layers.apply_rotary(k, sin, cos, cfg.rotary_dim)
-    k_cache = write_rows(k_cache, k, cache_index)
-    v_cache = write_rows(v_cache, v, cache_index)
+    k_cache = write_rows(k_cache, k.transpose(0, 2, 1, 3), cache_index, axis=2)  # [B, N, S, H]
+    v_cache = write_rows(v_cache, v.transpose(0, 2, 1, 3), cache_index, axis=2)
     attn = layers.attention(q, k_cache, v_cache, allowed)  # [B, T, N, H]
     attn_out = quant.einsum("BTNH,NHD->BTD", attn, w.out)
     mlp_out = layers.mlp(h, w.fc_in, w.fc_in_bias, w.fc_out, w.fc_out_bias)

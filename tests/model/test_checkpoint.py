@@ -152,3 +152,13 @@ def test_convert_refuses_bad_source(tmp_path, capsys):
 def test_unknown_preset_like_name_is_a_clear_error():
     with pytest.raises(CheckpointError, match="does not exist.*not a preset"):
         checkpoint.load("gptj-7b", progress=False)
+
+
+def test_native_to_hf_inverts_the_conversion(hf_checkpoint):
+    loaded = checkpoint.load(hf_checkpoint.path, progress=False)
+    named = {k: np.asarray(v) for k, v in checkpoint.leaf_names(loaded.weights).items()}
+    back = checkpoint.native_to_hf(loaded.cfg, named)
+    original = {k: v.detach().numpy() for k, v in hf_checkpoint.torch_model.state_dict().items()}
+    assert set(back) == set(original)
+    for k, v in original.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)

@@ -1,0 +1,1 @@
+"""Benchmarks (results in docs/BENCHMARKS.md)."""

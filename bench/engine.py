@@ -1,0 +1,185 @@
+"""Engine benchmark: our JAX engine against transformers' PyTorch GPTJForCausalLM.generate,
+same weights, same device, same run.
+
+    python -m bench.engine --checkpoint PATH_OR_PRESET --batch-sizes 1,8,32 --prompt-len 128 \\
+        --new-tokens 64 [--dtype float32|bfloat16] [--compare-hf] [--mesh N] [--repeats R] --json
+
+Prints one JSON object per line for each (system, batch):
+    {"system": "engine"|"hf", "batch": B, "prompt_len": P, "new_tokens": N,
+     "out_tok_s": ..., "ms_per_step": ..., "prefill_ms": ...}
+timed after warm-up (best of --repeats runs). out_tok_s = B*N / (wall time of the whole generation,
+prefill included); prefill_ms is the prompt pass alone; ms_per_step = (total - prefill) / (N - 1).
+The engine runs through its driver (the same loop a server runs: host sync, per-token bookkeeping,
+detokenisation), greedy, exactly N tokens per prompt. The hf system runs `generate` greedy with
+min_new_tokens = max_new_tokens = N on the identical weights (exported from our layout).
+Progress goes to stderr; results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def log(msg: str) -> None:
+    print(f"[bench.engine] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="preset (tiny, small, gptj-6b), checkpoint dir or gs:// URI")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers on the same weights")
+    p.add_argument("--mesh", type=int, default=1, choices=[1, 2, 4, 8])
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per point; the best is reported")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout (the default output form too)")
+    args = p.parse_args(argv)
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    except ValueError:
+        p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        p.error("--batch-sizes needs positive integers")
+    if args.new_tokens < 2 or args.prompt_len < 1:
+        p.error("--new-tokens must be >= 2 and --prompt-len >= 1")
+    return args
+
+
+def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, min(vocab, 50257), (batch, prompt_len)).tolist()
+
+
+def bench_engine(loaded, mesh, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    import jax
+
+    from model.driver import Driver, Request
+    from model.engine import Engine, EngineConfig
+    from model.sampling import SamplingParams
+    from model.tokenizer import Tokenizer
+
+    config = EngineConfig(prompt_buckets=(prompt_len,), batch_buckets=(batch,), slots=batch,
+                          max_cache_len=prompt_len + new_tokens)
+    engine = Engine(loaded.weights, loaded.cfg, config, mesh)
+    log(f"engine batch {batch}: warm-up")
+    engine.warmup(progress=False)
+    log(f"engine batch {batch}: warm-up took {engine.warmup_seconds:.1f}s")
+    prompts = random_prompts(batch, prompt_len, loaded.cfg.vocab_size)
+    driver = Driver(engine, Tokenizer.gpt2())
+
+    prefill_s = []
+    greedy = SamplingParams.host([0.0] * batch, [0] * batch, [1.0] * batch, [0] * batch)
+    for _ in range(repeats):
+        state = engine.init_decode_state()
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        prefix = engine.prefill(prompts, greedy)
+        jax.block_until_ready(engine.insert(prefix, state, list(range(batch))))
+        prefill_s.append(time.perf_counter() - start)
+
+    totals = []
+    for r in range(repeats):
+        requests = [Request(prompt_ids=p, max_tokens=new_tokens) for p in prompts]
+        start = time.perf_counter()
+        results = driver.generate(requests)
+        totals.append(time.perf_counter() - start)
+        assert all(len(x.token_ids) == new_tokens for x in results)
+        log(f"engine batch {batch}: run {r + 1}/{repeats} {totals[-1]:.3f}s")
+    if engine.compilations_since_warmup:
+        log(f"WARNING: {engine.compilations_since_warmup} compilations after warm-up")
+    return summarize("engine", batch, prompt_len, new_tokens, min(totals), min(prefill_s))
+
+
+def summarize(system: str, batch: int, prompt_len: int, new_tokens: int, total_s: float, prefill_s: float) -> dict:
+    return {
+        "system": system, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "out_tok_s": round(batch * new_tokens / total_s, 2),
+        "ms_per_step": round(1000 * max(total_s - prefill_s, 0.0) / (new_tokens - 1), 3),
+        "prefill_ms": round(1000 * prefill_s, 3),
+    }
+
+
+def hf_model(loaded, dtype: str):
+    """transformers' GPTJForCausalLM holding exactly our weights, on the accelerator if there is one."""
+    import numpy as np
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from model import checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    with torch.device(device):  # initialised where it runs (fast on a GPU), then overwritten
+        model = GPTJForCausalLM(GPTJConfig(**loaded.cfg.to_hf_dict())).to(torch_dtype).eval()
+    named = {k: np.asarray(v, dtype=np.float32) for k, v in checkpoint.leaf_names(loaded.weights).items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in checkpoint.native_to_hf(loaded.cfg, named).items()}
+    model.load_state_dict(state)
+    return model, device
+
+
+def bench_hf(model, device, vocab: int, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    ids = torch.tensor(random_prompts(batch, prompt_len, vocab), device=device)
+    mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def generate():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+
+    with torch.inference_mode():
+        log(f"hf batch {batch}: warm-up")
+        out = generate()
+        assert out.shape[1] == prompt_len + new_tokens
+        prefill_s, totals = [], []
+        for r in range(repeats):
+            sync()
+            start = time.perf_counter()
+            model(ids, attention_mask=mask, use_cache=True)
+            sync()
+            prefill_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            generate()
+            sync()
+            totals.append(time.perf_counter() - start)
+            log(f"hf batch {batch}: run {r + 1}/{repeats} {totals[-1]:.3f}s")
+    return summarize("hf", batch, prompt_len, new_tokens, min(totals), min(prefill_s))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from model.sharding import ensure_host_devices
+
+    ensure_host_devices(args.mesh)
+    import jax
+
+    from model import checkpoint
+    from model.sharding import make_mesh
+
+    log(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    mesh = make_mesh(args.mesh)
+    loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    if args.prompt_len + args.new_tokens > loaded.cfg.n_positions:
+        log(f"error: prompt-len + new-tokens exceeds the model's {loaded.cfg.n_positions} positions")
+        return 2
+    for batch in args.batch_sizes:
+        print(json.dumps(bench_engine(loaded, mesh, batch, args.prompt_len, args.new_tokens, args.repeats)), flush=True)
+    if args.compare_hf:
+        model, device = hf_model(loaded, args.dtype)
+        del loaded  # free the JAX copy's host references before the torch runs
+        for batch in args.batch_sizes:
+            print(json.dumps(bench_hf(model, device, model.config.vocab_size, batch, args.prompt_len,
+                                      args.new_tokens, args.repeats)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
