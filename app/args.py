@@ -19,7 +19,10 @@ class AppArgs(BaseModel):
     model_name: str = Field("gpt-j-6b", description="the name clients use (OpenAI `model`, Saxml `model`)")
     checkpoint: str = Field("tiny", description="preset (tiny, small, gptj-6b), HF or native dir, or gs:// URI")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    quantize: Literal["none", "int8"] = Field("none", description="int8 weight-only quantization at load")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8 weight-only quantization at load (an int8 native checkpoint loads int8 either way)"
+    )
+    kv_cache_dtype: Literal["auto", "int8"] = Field("auto", description="int8: KV cache with per-token-per-head scales")
     mesh: int = Field(1, description="devices the replica shards the model over (4 on a TPU v5e 2x2 host)")
     tpu_chips: Literal[0, 1, 2, 4, 8] = Field(0, description="TPU chips the replica requests (0 locally, 4 on GKE)")
 
@@ -32,6 +35,13 @@ class AppArgs(BaseModel):
     # -- the batcher -----------------------------------------------------------------------------
     batch_max_size: int = Field(8, ge=1, description="largest prefill batch the batcher forms")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_pending_requests: int = Field(
+        64, ge=1, description="requests the batcher holds (forming a batch, waiting for a slot or decoding); more get 503"
+    )
+    retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 for overload carries")
+    stall_timeout_s: float = Field(
+        120.0, gt=0, description="a replica whose engine loop makes no step for this long fails its health check"
+    )
 
     # -- the HTTP API ----------------------------------------------------------------------------
     default_max_tokens: int = Field(16, ge=1)

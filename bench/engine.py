@@ -2,11 +2,14 @@
 same weights, same device, same run.
 
     python -m bench.engine --checkpoint PATH_OR_PRESET --batch-sizes 1,8,32 --prompt-len 128 \\
-        --new-tokens 64 [--dtype float32|bfloat16] [--compare-hf] [--mesh N] [--repeats R] --json
+        --new-tokens 64 [--dtype float32|bfloat16] [--quantize int8] [--kv-cache-dtype int8] \\
+        [--compare-hf] [--mesh N] [--repeats R] --json
 
 Prints one JSON object per line for each (system, batch):
     {"system": "engine"|"hf", "batch": B, "prompt_len": P, "new_tokens": N,
      "out_tok_s": ..., "ms_per_step": ..., "prefill_ms": ...}
+engine rows also carry "dtype", "quantize" and "kv_cache_dtype"; hf always runs unquantized weights
+(with --quantize it runs the float weights the engine quantized).
 timed after warm-up (best of --repeats runs). out_tok_s = B*N / (wall time of the whole generation,
 prefill included); prefill_ms is the prompt pass alone; ms_per_step = (total - prefill) / (N - 1).
 The engine runs through its driver (the same loop a server runs: host sync, per-token bookkeeping,
@@ -18,6 +21,7 @@ Progress goes to stderr; results to stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers on the same weights")
     p.add_argument("--mesh", type=int, default=1, choices=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=2, help="timed runs per point; the best is reported")
@@ -57,7 +63,8 @@ def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> li
     return rng.integers(0, min(vocab, 50257), (batch, prompt_len)).tolist()
 
 
-def bench_engine(loaded, mesh, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench_engine(loaded, mesh, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                 kv_cache_dtype: str = "auto") -> dict:
     import jax
 
     from model.driver import Driver, Request
@@ -66,7 +73,7 @@ def bench_engine(loaded, mesh, batch: int, prompt_len: int, new_tokens: int, rep
     from model.tokenizer import Tokenizer
 
     config = EngineConfig(prompt_buckets=(prompt_len,), batch_buckets=(batch,), slots=batch,
-                          max_cache_len=prompt_len + new_tokens)
+                          max_cache_len=prompt_len + new_tokens, kv_cache_dtype=kv_cache_dtype)
     engine = Engine(loaded.weights, loaded.cfg, config, mesh)
     log(f"engine batch {batch}: warm-up")
     engine.warmup(progress=False)
@@ -170,11 +177,21 @@ def main(argv=None) -> int:
     if args.prompt_len + args.new_tokens > loaded.cfg.n_positions:
         log(f"error: prompt-len + new-tokens exceeds the model's {loaded.cfg.n_positions} positions")
         return 2
+    hf = hf_model(loaded, args.dtype) if args.compare_hf else None  # from the float weights
+    engine_weights = loaded
+    if args.quantize:
+        from model.transformer import quantize_weights
+
+        engine_weights = dataclasses.replace(loaded, weights=jax.jit(quantize_weights)(loaded.weights), quantization="int8")
+        del loaded
     for batch in args.batch_sizes:
-        print(json.dumps(bench_engine(loaded, mesh, batch, args.prompt_len, args.new_tokens, args.repeats)), flush=True)
-    if args.compare_hf:
-        model, device = hf_model(loaded, args.dtype)
-        del loaded  # free the JAX copy's host references before the torch runs
+        row = bench_engine(engine_weights, mesh, batch, args.prompt_len, args.new_tokens, args.repeats,
+                           args.kv_cache_dtype)
+        row |= {"dtype": args.dtype, "quantize": args.quantize or "none", "kv_cache_dtype": args.kv_cache_dtype}
+        print(json.dumps(row), flush=True)
+    if hf is not None:
+        del engine_weights  # free device memory for the torch runs
+        model, device = hf
         for batch in args.batch_sizes:
             print(json.dumps(bench_hf(model, device, model.config.vocab_size, batch, args.prompt_len,
                                       args.new_tokens, args.repeats)), flush=True)

@@ -245,8 +245,11 @@ def check_hf_tensors(cfg: GPTJConfig, store: TensorStore, where: str) -> None:
             raise CheckpointError(f"{where}: tensor {name} has shape {tuple(store.shapes[name])}, expected {shape}")
 
 
-def iter_hf_as_native(cfg: GPTJConfig, store: TensorStore, specs: dict[str, ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (native name, array in the native layout and dtype), one leaf at a time."""
+def iter_hf_as_native(cfg: GPTJConfig, store: TensorStore) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (native name, float32 array in the native layout), one unquantized leaf at a time."""
+    from model.transformer import Weights
+
+    specs = leaf_names(Weights.param_specs(cfg, np.float32))
     recipes = hf_recipes(cfg)
     if set(recipes) != set(specs):  # the two declarations of the model must agree
         raise CheckpointError(f"native leaves and HF recipes disagree: {sorted(set(recipes) ^ set(specs))[:5]}")
@@ -255,7 +258,28 @@ def iter_hf_as_native(cfg: GPTJConfig, store: TensorStore, specs: dict[str, Para
         array = recipe.build(*(np.asarray(store.read(s), dtype=np.float32) for s in recipe.sources))
         if array.shape != spec.shape:
             raise CheckpointError(f"leaf {name}: built shape {array.shape}, expected {spec.shape}")
-        yield name, array.astype(spec.dtype)
+        yield name, array
+
+
+def quantization_targets(cfg: GPTJConfig, quantize_lm_head: bool) -> dict[str, int]:
+    """Native leaf name -> contracted leading axes, for every leaf int8 quantization covers."""
+    from model.transformer import QUANTIZABLE
+
+    targets = {f"layers.{i}.{name}": n for i in range(cfg.n_layers) for name, n in QUANTIZABLE.items()}
+    return targets | ({"lm_head": 1} if quantize_lm_head else {})
+
+
+def quantize_leaves(leaves: Iterator[tuple[str, np.ndarray]], targets: dict[str, int]) -> Iterator[tuple[str, np.ndarray]]:
+    """Replace each target leaf by its int8 values and float32 scales (`name.values`, `name.scale`)."""
+    from model.quant import quantize
+
+    for name, array in leaves:
+        if name in targets:
+            q = quantize(array, targets[name], xp=np)
+            yield f"{name}.values", q.values
+            yield f"{name}.scale", q.scale
+        else:
+            yield name, array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +357,8 @@ def read_native_manifest(path: str) -> dict:
     return manifest
 
 
-def write_native(path: str, cfg: GPTJConfig, leaves: Iterator[tuple[str, np.ndarray]], specs: dict[str, ParamSpec]) -> None:
+def write_native(path: str, cfg: GPTJConfig, leaves: Iterator[tuple[str, np.ndarray]], specs: dict[str, ParamSpec],
+                 quantization: str | None = None, quantize_lm_head: bool = False) -> None:
     os.makedirs(path, exist_ok=True)
     safetensors_io.write(
         os.path.join(path, NATIVE_WEIGHTS),
@@ -341,7 +366,8 @@ def write_native(path: str, cfg: GPTJConfig, leaves: Iterator[tuple[str, np.ndar
         {name: (s.shape, np.dtype(s.dtype)) for name, s in specs.items()},
         metadata={"format": NATIVE_FORMAT},
     )
-    manifest = {"format": NATIVE_FORMAT, "config": dataclasses.asdict(cfg)}
+    manifest = {"format": NATIVE_FORMAT, "config": dataclasses.asdict(cfg), "quantization": quantization,
+                "quantize_lm_head": quantize_lm_head}
     with open(os.path.join(path, NATIVE_MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
 
@@ -355,57 +381,84 @@ class Loaded:
     cfg: GPTJConfig
     weights: Any  # transformer.Weights
     source: str  # "preset", "hf" or "native"
+    quantization: str | None = None  # None or "int8"
 
 
-def load(checkpoint: str, mesh=None, dtype: str | None = None, progress: bool = True) -> Loaded:
+def load(checkpoint: str, mesh=None, dtype: str | None = None, quantize: str | None = None,
+         quantize_lm_head: bool = False, progress: bool = True) -> Loaded:
     """Load `checkpoint` (preset name, HF dir, native dir, or URI) onto `mesh` (default: 1 device).
 
-    dtype: "float32" / "bfloat16" for the matrices (default: float32 for presets and HF
-    checkpoints, the stored dtype for native ones)."""
+    dtype: "float32" / "bfloat16" for the float matrices (default: float32 for presets and HF
+    checkpoints, the stored dtype for native ones).
+    quantize: None (as stored: a native int8 checkpoint stays int8) or "int8": int8 weight-only
+    quantization of qkv / out / fc_in / fc_out (and lm_head with `quantize_lm_head`) at load."""
     import jax
     import jax.numpy as jnp
 
     from model import sharding as shard_lib
-    from model.transformer import Weights, init_weights
+    from model.transformer import Weights, init_weights, quantize_weights
 
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"quantize must be None or 'int8', got {quantize!r}")
     mesh = mesh if mesh is not None else shard_lib.make_mesh(1)
+
+    def finish(cfg, matrix_dtype, quantization, lm_head, host_leaves, source):
+        """Place host leaves (already quantized as requested) onto the mesh."""
+        specs = Weights.param_specs(cfg, matrix_dtype, quantization is not None, lm_head)
+        named_specs = leaf_names(specs)
+        arrays = {}
+        for name, array in _progress(host_leaves, "load", progress, len(named_specs)):
+            spec = named_specs[name]
+            arrays[name] = jax.device_put(np.asarray(array).astype(spec.dtype), shard_lib.named_sharding(mesh, spec))
+        return Loaded(cfg, unflatten_like(specs, arrays), source, quantization)
+
     if checkpoint in PRESETS:
         cfg = PRESETS[checkpoint]
         matrix_dtype = jnp.dtype(dtype or "float32")
         specs = Weights.param_specs(cfg, matrix_dtype)
         weights = init_weights(cfg, jax.random.key(PRESET_SEED), matrix_dtype, shard_lib.shardings(mesh, specs))
-        return Loaded(cfg, weights, "preset")
+        if quantize:
+            q_specs = Weights.param_specs(cfg, matrix_dtype, True, quantize_lm_head)
+            weights = jax.jit(lambda w: quantize_weights(w, quantize_lm_head),
+                              out_shardings=shard_lib.shardings(mesh, q_specs), donate_argnums=0)(weights)
+        return Loaded(cfg, weights, "preset", quantize)
 
     local = resolve(checkpoint, progress)
-    if kind(local) == "native":
-        manifest = read_native_manifest(local)
-        try:
-            cfg = GPTJConfig(**manifest["config"])
-        except (TypeError, ConfigError) as e:
-            raise CheckpointError(f"{local}: bad config in {NATIVE_MANIFEST}: {e}") from None
-        st = safetensors_io.SafetensorsFile(os.path.join(local, NATIVE_WEIGHTS))
-        stored_dtype = st.dtype("layers.0.qkv") if "layers.0.qkv" in st.keys() else np.float32
-        specs = Weights.param_specs(cfg, jnp.dtype(dtype) if dtype else stored_dtype)
-        named_specs = leaf_names(specs)
-        _check_native(local, st, named_specs)
-        arrays = {}
-        for name, spec in _progress(named_specs.items(), "restore", progress):
-            sharding = shard_lib.named_sharding(mesh, spec)
-            source = st.get(name)
-            arrays[name] = jax.make_array_from_callback(
-                spec.shape, sharding, lambda idx, src=source, dt=spec.dtype: np.asarray(src[idx]).astype(dt)
-            )
-        return Loaded(cfg, unflatten_like(specs, arrays), "native")
+    if kind(local) == "hf":
+        cfg = read_hf_config(local)
+        store = open_hf_tensors(local)
+        check_hf_tensors(cfg, store, local)
+        targets = quantization_targets(cfg, quantize_lm_head) if quantize else {}
+        leaves = quantize_leaves(iter_hf_as_native(cfg, store), targets)
+        return finish(cfg, jnp.dtype(dtype or "float32"), quantize, quantize_lm_head, leaves, "hf")
 
-    cfg = read_hf_config(local)
-    store = open_hf_tensors(local)
-    check_hf_tensors(cfg, store, local)
-    specs = Weights.param_specs(cfg, jnp.dtype(dtype or "float32"))
+    manifest = read_native_manifest(local)
+    try:
+        cfg = GPTJConfig(**manifest["config"])
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"{local}: bad config in {NATIVE_MANIFEST}: {e}") from None
+    st = safetensors_io.SafetensorsFile(os.path.join(local, NATIVE_WEIGHTS))
+    stored_q, stored_lm = manifest.get("quantization"), bool(manifest.get("quantize_lm_head"))
+    matrix_dtype = jnp.dtype(dtype) if dtype else st.dtype("wte") if "wte" in st.keys() else jnp.float32
+    if quantize and stored_q is None:  # quantize a float native checkpoint now, from whole leaves
+        base = leaf_names(Weights.param_specs(cfg, matrix_dtype))
+        _check_native(local, st, base)
+        leaves = ((name, np.asarray(st.get(name), np.float32)) for name in base)
+        targets = quantization_targets(cfg, quantize_lm_head)
+        return finish(cfg, matrix_dtype, quantize, quantize_lm_head, quantize_leaves(leaves, targets), "native")
+
+    # As stored: each device reads only its own slice of each leaf from the memory map.
+    specs = Weights.param_specs(cfg, matrix_dtype, stored_q is not None, stored_lm)
     named_specs = leaf_names(specs)
+    _check_native(local, st, named_specs)
     arrays = {}
-    for name, array in _progress(iter_hf_as_native(cfg, store, named_specs), "load", progress, len(named_specs)):
-        arrays[name] = jax.device_put(array, shard_lib.named_sharding(mesh, named_specs[name]))
-    return Loaded(cfg, unflatten_like(specs, arrays), "hf")
+    for name, spec in _progress(named_specs.items(), "restore", progress):
+        source = st.get(name)
+        arrays[name] = jax.make_array_from_callback(
+            spec.shape, shard_lib.named_sharding(mesh, spec),
+            lambda idx, src=source, dt=spec.dtype: np.asarray(src[idx]).astype(dt),
+        )
+    return Loaded(cfg, unflatten_like(specs, arrays), "native", stored_q)
 
 
 def _check_native(path: str, st: safetensors_io.SafetensorsFile, named_specs: dict[str, ParamSpec]) -> None:

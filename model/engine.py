@@ -80,6 +80,7 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] = (1, 4, 16)  # prefill batch sizes
     slots: int = 16  # concurrent decodes
     max_cache_len: int | None = None  # cache positions per slot; default: the model's n_positions
+    kv_cache_dtype: str = "auto"  # "auto": the activation dtype; "int8": per-token-per-head int8
 
     def cache_len(self, cfg: GPTJConfig) -> int:
         return self.max_cache_len or cfg.n_positions
@@ -96,6 +97,12 @@ class EngineConfig:
             raise ValueError(f"largest prompt bucket {self.prompt_buckets[-1]} exceeds max_cache_len={cache_len}")
         if self.batch_buckets[-1] > self.slots:
             raise ValueError(f"largest batch bucket {self.batch_buckets[-1]} exceeds slots={self.slots}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
+
+    @property
+    def kv_int8(self) -> bool:
+        return self.kv_cache_dtype == "int8"
 
 
 @flax.struct.dataclass
@@ -118,10 +125,10 @@ class DecodeState:
     params: SamplingParams  # [slots]
 
     @staticmethod
-    def param_specs(cfg: GPTJConfig, slots: int, length: int, dtype) -> "DecodeState":
+    def param_specs(cfg: GPTJConfig, slots: int, length: int, dtype, kv_int8: bool = False) -> "DecodeState":
         row = lambda dt: ParamSpec((slots,), dt, (BATCH,))  # noqa: E731
         return DecodeState(
-            cache=KVCache.param_specs(cfg, slots, length, dtype),
+            cache=KVCache.param_specs(cfg, slots, length, dtype, kv_int8),
             tokens=row(jnp.int32),
             positions=row(jnp.int32),
             steps=row(jnp.int32),
@@ -144,10 +151,11 @@ def _constrain(tree, specs, mesh):
     )
 
 
-def _prefill_impl(weights: Weights, tokens, lengths, params: SamplingParams, *, cfg: GPTJConfig, mesh) -> Prefix:
+def _prefill_impl(weights: Weights, tokens, lengths, params: SamplingParams, *, cfg: GPTJConfig, mesh,
+                  kv_int8: bool) -> Prefix:
     b, t = tokens.shape
-    cache = KVCache.zeros(cfg, b, t, activation_dtype(weights))
-    cache = _constrain(cache, KVCache.param_specs(cfg, b, t, activation_dtype(weights)), mesh)
+    cache = KVCache.zeros(cfg, b, t, activation_dtype(weights), kv_int8)
+    cache = _constrain(cache, KVCache.param_specs(cfg, b, t, activation_dtype(weights), kv_int8), mesh)
     token_valid = jnp.arange(t)[None, :] < lengths[:, None]  # [b, T]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden, cache = forward(weights, cfg, tokens, positions, token_valid, cache, jnp.zeros((b,), jnp.int32))
@@ -161,8 +169,8 @@ def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, *, cfg: GPTJConfi
     t = prefix.cache.length
     s = state.cache.length
 
-    def put_kv(dst, src):  # dst [slots, N, S, H], src [b, N, T, H]
-        return dst.at[slot_ids, :, :t].set(src, mode="drop")
+    def put_kv(dst, src):  # dst [slots, N, S, (H)], src [b, N, T, (H)]: values, or int8 values and scales
+        return jax.tree.map(lambda d, x: d.at[slot_ids, :, :t].set(x, mode="drop"), dst, src)
 
     valid_rows = jnp.pad(prefix.cache.valid, ((0, 0), (0, s - t)))  # [b, S]
     cache = KVCache(
@@ -209,9 +217,9 @@ class Engine:
         self.mesh = mesh if mesh is not None else shard_lib.make_mesh(1)
         self.cache_len = config.cache_len(cfg)
         self.dtype = activation_dtype(weights)
-        self._state_specs = DecodeState.param_specs(cfg, config.slots, self.cache_len, self.dtype)
+        self._state_specs = DecodeState.param_specs(cfg, config.slots, self.cache_len, self.dtype, config.kv_int8)
         kw = dict(cfg=cfg, mesh=self.mesh)
-        self._prefill = jax.jit(functools.partial(_prefill_impl, **kw))
+        self._prefill = jax.jit(functools.partial(_prefill_impl, kv_int8=config.kv_int8, **kw))
         self._insert = jax.jit(functools.partial(_insert_impl, specs=self._state_specs, **kw), donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(_generate_impl, specs=self._state_specs, **kw), donate_argnums=(1,))
         self.warmup_seconds: float | None = None

@@ -2,7 +2,8 @@
 
     python -m model.generate --checkpoint PATH_OR_PRESET (--prompt TEXT | --prompt-ids 1,2,3 |
         --prompts-file F.jsonl) --max-tokens N [--temperature T] [--top-k K] [--top-p P] [--seed S]
-        [--dtype float32|bfloat16] [--mesh 1|2|4] [--stop-at-eos] [--json]
+        [--dtype float32|bfloat16] [--mesh 1|2|4] [--quantize int8] [--kv-cache-dtype int8]
+        [--stop-at-eos] [--json]
 
 With --json: one JSON object per prompt, one per line, in input order:
     {"prompt_ids": [...], "token_ids": [...], "logprobs": [...], "text": "..."}
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weight/activation dtype (default float32, or a native checkpoint's own)")
     p.add_argument("--mesh", type=int, default=1, choices=[1, 2, 4], help="devices to shard over")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only quantization at load (an int8 native checkpoint is int8 already)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                   help="int8: KV cache in int8 with a scale per token and head")
     p.add_argument("--stop-at-eos", action="store_true", help="stop a prompt at <|endoftext|>")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     return p
@@ -87,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             entries = [{"prompt_ids": args.prompt_ids}]
         mesh = make_mesh(args.mesh)
-        loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+        loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
         local_dir = None if args.checkpoint in checkpoint.PRESETS else checkpoint.resolve(args.checkpoint)
         tokenizer = Tokenizer.for_checkpoint(local_dir)
         prompts = [e["prompt_ids"] if "prompt_ids" in e else tokenizer.encode(e["prompt"]) for e in entries]
         max_tokens = [int(e.get("max_tokens", args.max_tokens)) for e in entries]
-        engine = Engine(loaded.weights, loaded.cfg, cli_engine_config(loaded.cfg, prompts, max_tokens), mesh)
+        config = cli_engine_config(loaded.cfg, prompts, max_tokens, args.kv_cache_dtype)
+        engine = Engine(loaded.weights, loaded.cfg, config, mesh)
         requests = [
             Request(prompt_ids=p, max_tokens=n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, stop_at_eos=args.stop_at_eos)
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int]):
+def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int], kv_cache_dtype: str = "auto"):
     """One batch, every prompt in one slot: a single prompt bucket (a power of two) that holds the
     longest prompt, and a cache just long enough for the longest prompt + max_tokens."""
     from model.engine import EngineConfig
@@ -128,7 +134,7 @@ def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int]):
     cache_len = min(cfg.n_positions, max(need, min(bucket, cfg.n_positions)))
     bucket = min(bucket, cache_len)
     return EngineConfig(prompt_buckets=(bucket,), batch_buckets=(len(prompts),), slots=len(prompts),
-                        max_cache_len=cache_len)
+                        max_cache_len=cache_len, kv_cache_dtype=kv_cache_dtype)
 
 
 if __name__ == "__main__":

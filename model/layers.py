@@ -57,17 +57,25 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, rotary_dim: int) 
     return jnp.concatenate((rotated, rest), axis=-1)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Softmax attention. q [B, T, N, H], k and v [B, N, S, H], allowed [B, T, S] -> [B, T, N, H].
+def attention(q: jax.Array, k, v, allowed: jax.Array) -> jax.Array:
+    """Softmax attention. q [B, T, N, H], k and v [B, N, S, H] (arrays, or int8 QuantArrays with a
+    scale per token and head [B, N, S]), allowed [B, T, S] -> [B, T, N, H] in q's dtype.
 
     Scores and softmax run in float32; masked entries get the float32 minimum (as transformers
-    does), so a row with nothing allowed (a padding query) stays finite and is ignored later."""
+    does), so a row with nothing allowed (a padding query) stays finite and is ignored later.
+    int8 k/v: the per-token scales factor out of each contraction, q.(s*k) = s*(q.k) and
+    sum_S p*(s*v) = sum_S (p*s)*v, so the int8 values are read as they are."""
     head_dim = q.shape[-1]
-    scores = jnp.einsum("BTNH,BNSH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32))
+    k_values = k.values if isinstance(k, quant.QuantArray) else k
+    scores = jnp.einsum("BTNH,BNSH->BNTS", q.astype(jnp.float32), k_values.astype(jnp.float32))
+    if isinstance(k, quant.QuantArray):
+        scores = scores * k.scale[:, :, None, :]
     scores = scores / jnp.sqrt(jnp.float32(head_dim))
     scores = jnp.where(allowed[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, N, T, S]
-    return jnp.einsum("BNTS,BNSH->BTNH", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S]
+    if isinstance(v, quant.QuantArray):
+        probs, v = probs * v.scale[:, :, None, :], v.values
+    return jnp.einsum("BNTS,BNSH->BTNH", probs.astype(q.dtype), v.astype(q.dtype))
 
 
 def mlp(x: jax.Array, fc_in, fc_in_bias: jax.Array, fc_out, fc_out_bias: jax.Array) -> jax.Array:

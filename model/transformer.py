@@ -25,19 +25,34 @@ import jax.numpy as jnp
 
 from model import layers, quant
 from model.config import GPTJConfig
-from model.kv_cache import KVCache, write_rows
+from model.quant import QuantArray
+from model.kv_cache import KVCache, write_kv, write_rows
 from model.sharding import EMBED, FF, HEAD_DIM, HEADS, QKV, VOCAB, ParamSpec
+
+
+# Weight leaves that int8 quantization covers, with their number of leading (contracted) axes.
+QUANTIZABLE = {"qkv": 1, "out": 2, "fc_in": 1, "fc_out": 1}
+
+
+def _quantizable(spec: ParamSpec, n_contract: int, quantize: bool):
+    """A float leaf's spec, or (quantized) the specs of its int8 values and per-channel scales."""
+    if not quantize:
+        return spec
+    return QuantArray(
+        values=ParamSpec(spec.shape, jnp.int8, spec.axes),
+        scale=ParamSpec(spec.shape[n_contract:], jnp.float32, spec.axes[n_contract:]),
+    )
 
 
 @flax.struct.dataclass
 class LayerWeights:
     ln_scale: jax.Array  # [D]
     ln_bias: jax.Array  # [D]
-    qkv: jax.Array  # [D, C=3, N, H]   q, k, v projections fused, no bias
-    out: jax.Array  # [N, H, D]        attention output projection, no bias
-    fc_in: jax.Array  # [D, F]
+    qkv: jax.Array | QuantArray  # [D, C=3, N, H]   q, k, v projections fused, no bias
+    out: jax.Array | QuantArray  # [N, H, D]        attention output projection, no bias
+    fc_in: jax.Array | QuantArray  # [D, F]
     fc_in_bias: jax.Array  # [F]
-    fc_out: jax.Array  # [F, D]
+    fc_out: jax.Array | QuantArray  # [F, D]
     fc_out_bias: jax.Array  # [D]
 
 
@@ -47,33 +62,48 @@ class Weights:
     layers: tuple[LayerWeights, ...]
     ln_f_scale: jax.Array  # [D]
     ln_f_bias: jax.Array  # [D]
-    lm_head: jax.Array  # [D, V]
+    lm_head: jax.Array | QuantArray  # [D, V]
     lm_head_bias: jax.Array  # [V]
 
     @staticmethod
-    def param_specs(cfg: GPTJConfig, dtype) -> "Weights":
+    def param_specs(cfg: GPTJConfig, dtype, quantize: bool = False, quantize_lm_head: bool = False) -> "Weights":
         """Shapes, dtypes and logical axes of every leaf: the single declaration used by init,
-        checkpoint loading and sharding. Norms and biases stay float32 (they are tiny)."""
+        checkpoint loading and sharding. Norms and biases stay float32 (they are tiny). With
+        `quantize`, the QUANTIZABLE matrices become int8 values + float32 per-channel scales,
+        whose scales carry the logical axes of the weight's output dims (so they shard with it)."""
         d, n, h, f, v = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
         f32 = jnp.float32
+        matrices = {
+            "qkv": ParamSpec((d, 3, n, h), dtype, (EMBED, QKV, HEADS, HEAD_DIM)),
+            "out": ParamSpec((n, h, d), dtype, (HEADS, HEAD_DIM, EMBED)),
+            "fc_in": ParamSpec((d, f), dtype, (EMBED, FF)),
+            "fc_out": ParamSpec((f, d), dtype, (FF, EMBED)),
+        }
         layer = LayerWeights(
             ln_scale=ParamSpec((d,), f32, (EMBED,)),
             ln_bias=ParamSpec((d,), f32, (EMBED,)),
-            qkv=ParamSpec((d, 3, n, h), dtype, (EMBED, QKV, HEADS, HEAD_DIM)),
-            out=ParamSpec((n, h, d), dtype, (HEADS, HEAD_DIM, EMBED)),
-            fc_in=ParamSpec((d, f), dtype, (EMBED, FF)),
             fc_in_bias=ParamSpec((f,), f32, (FF,)),
-            fc_out=ParamSpec((f, d), dtype, (FF, EMBED)),
             fc_out_bias=ParamSpec((d,), f32, (EMBED,)),
+            **{k: _quantizable(spec, QUANTIZABLE[k], quantize) for k, spec in matrices.items()},
         )
         return Weights(
             wte=ParamSpec((v, d), dtype, (VOCAB, EMBED)),
             layers=(layer,) * cfg.n_layers,
             ln_f_scale=ParamSpec((d,), f32, (EMBED,)),
             ln_f_bias=ParamSpec((d,), f32, (EMBED,)),
-            lm_head=ParamSpec((d, v), dtype, (EMBED, VOCAB)),
+            lm_head=_quantizable(ParamSpec((d, v), dtype, (EMBED, VOCAB)), 1, quantize_lm_head),
             lm_head_bias=ParamSpec((v,), f32, (VOCAB,)),
         )
+
+
+def quantize_weights(weights: Weights, quantize_lm_head: bool = False) -> Weights:
+    """int8 per-channel post-training quantization of the QUANTIZABLE matrices (and lm_head)."""
+    layers_q = tuple(
+        layer.replace(**{name: quant.quantize(getattr(layer, name), n) for name, n in QUANTIZABLE.items()})
+        for layer in weights.layers
+    )
+    out = weights.replace(layers=layers_q)
+    return out.replace(lm_head=quant.quantize(out.lm_head, 1)) if quantize_lm_head else out
 
 
 def is_spec(x) -> bool:
@@ -121,8 +151,8 @@ def block(
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
     q = layers.apply_rotary(q, sin, cos, cfg.rotary_dim)
     k = layers.apply_rotary(k, sin, cos, cfg.rotary_dim)
-    k_cache = write_rows(k_cache, k.transpose(0, 2, 1, 3), cache_index, axis=2)  # [B, N, S, H]
-    v_cache = write_rows(v_cache, v.transpose(0, 2, 1, 3), cache_index, axis=2)
+    k_cache = write_kv(k_cache, k.transpose(0, 2, 1, 3), cache_index)  # [B, N, S, H]
+    v_cache = write_kv(v_cache, v.transpose(0, 2, 1, 3), cache_index)
     attn = layers.attention(q, k_cache, v_cache, allowed)  # [B, T, N, H]
     attn_out = quant.einsum("BTNH,NHD->BTD", attn, w.out)
     mlp_out = layers.mlp(h, w.fc_in, w.fc_in_bias, w.fc_out, w.fc_out_bias)
