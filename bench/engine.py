@@ -115,6 +115,7 @@ def summarize(system: str, batch: int, prompt_len: int, new_tokens: int, total_s
 
 def hf_model(loaded, dtype: str):
     """transformers' GPTJForCausalLM holding exactly our weights, on the accelerator if there is one."""
+    import ml_dtypes
     import numpy as np
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
@@ -125,9 +126,14 @@ def hf_model(loaded, dtype: str):
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     with torch.device(device):  # initialised where it runs (fast on a GPU), then overwritten
         model = GPTJForCausalLM(GPTJConfig(**loaded.cfg.to_hf_dict())).to(torch_dtype).eval()
-    named = {k: np.asarray(v, dtype=np.float32) for k, v in checkpoint.leaf_names(loaded.weights).items()}
-    state = {k: torch.from_numpy(np.array(v)) for k, v in checkpoint.native_to_hf(loaded.cfg, named).items()}
-    model.load_state_dict(state)
+    def to_torch(a: np.ndarray):
+        a = np.ascontiguousarray(a)
+        if a.dtype == ml_dtypes.bfloat16:  # numpy has no bfloat16: move the bits, not the values
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
+    named = {k: np.asarray(v) for k, v in checkpoint.leaf_names(loaded.weights).items()}
+    model.load_state_dict({k: to_torch(v) for k, v in checkpoint.native_to_hf(loaded.cfg, named).items()})
     return model, device
 
 

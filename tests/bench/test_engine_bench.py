@@ -1,0 +1,33 @@
+"""The bench.engine output contract: one JSON object per (system, batch), after warm-up."""
+
+import json
+
+from bench import engine as bench_engine
+
+KEYS = {"system", "batch", "prompt_len", "new_tokens", "out_tok_s", "ms_per_step", "prefill_ms"}
+
+
+def test_engine_and_hf_rows(capsys):
+    assert bench_engine.main(["--checkpoint", "tiny", "--batch-sizes", "1,2", "--prompt-len", "8",
+                              "--new-tokens", "4", "--compare-hf", "--repeats", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["system"], r["batch"]) for r in rows] == [("engine", 1), ("engine", 2), ("hf", 1), ("hf", 2)]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert (r["prompt_len"], r["new_tokens"]) == (8, 4)
+        assert r["out_tok_s"] > 0 and r["ms_per_step"] >= 0 and r["prefill_ms"] > 0
+
+
+def test_int8_rows_say_so(capsys):
+    assert bench_engine.main(["--checkpoint", "tiny", "--batch-sizes", "2", "--prompt-len", "8", "--new-tokens", "3",
+                              "--quantize", "int8", "--kv-cache-dtype", "int8", "--repeats", "1", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["quantize"] == "int8" and row["kv_cache_dtype"] == "int8" and KEYS <= set(row)
+
+
+def test_bad_batch_sizes_are_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--checkpoint", "tiny", "--batch-sizes", "1,x"])
+    assert "--batch-sizes must be comma-separated integers" in capsys.readouterr().err
