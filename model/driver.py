@@ -110,6 +110,7 @@ class Driver:
         self._live_ids: set[str] = set()  # waiting or decoding
         self._slots: list[_Live | None] = [None] * engine.max_concurrent_decodes
         self._state = engine.init_decode_state()
+        self._in_flight = None  # (StepOutput, slot owners) of the decode step dispatched last
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
@@ -188,21 +189,31 @@ class Driver:
         return len(self._waiting)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self.active_slots > 0 or bool(self._cancelled)
+        return bool(self._waiting) or self.active_slots > 0 or bool(self._cancelled) or self._in_flight is not None
 
     # -- the loop -------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Cancel, admit one prefill batch, decode one step. Call from one thread only."""
+        """Cancel, admit one prefill batch, dispatch one decode step, then hand out the tokens of the
+        step before it. Call from one thread only.
+
+        Pipelining: the device computes step k while the host reads step k-1's tokens and does the
+        per-request bookkeeping (stops, detokenisation, delivery). Each dispatched step remembers
+        which request owned each slot; a token is delivered only if that request still owns the
+        slot, so a request that finished or was cancelled in between costs one wasted slot-step."""
         self.last_step_at = time.monotonic()
         self._apply_cancellations()
         self._admit()
+        previous, self._in_flight = self._in_flight, None
         if self.active_slots:
             self._state, out = self.engine.generate(self._state)
-            tokens, logprobs = jax.device_get((out.tokens, out.logprobs))
+            self._in_flight = (out, list(self._slots))
             self.stats["decode_steps"] += 1
-            for slot, live in enumerate(self._slots):
-                if live is not None:
+        if previous is not None:
+            out, owners = previous
+            tokens, logprobs = jax.device_get((out.tokens, out.logprobs))
+            for slot, live in enumerate(owners):
+                if live is not None and live.slot == slot:
                     self._accept(live, int(tokens[slot]), float(logprobs[slot]))
 
     def _apply_cancellations(self) -> None:
