@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole Serve graph on CPU (tiny preset, real tokenizer) on http://127.0.0.1:8000; Ctrl-C stops it.
 run: $(STAMP)
-	$(PY) -m model.generate --checkpoint tiny --prompt "The TPU v5e is" --max-tokens 24 --json
+	$(VENV)/bin/serve run serve_config.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -30,13 +30,18 @@ class AppArgs(BaseModel):
     prompt_buckets: tuple[int, ...] = (32, 128, 512)
     prefill_batch_buckets: tuple[int, ...] = (1, 4, 8)
     slots: int = Field(8, ge=1, description="concurrent decodes per replica")
+    replica_threads: int = Field(
+        0, ge=0, description="OMP_NUM_THREADS for the replica's XLA CPU work; 0: every core of its host "
+        "(Ray forces 1 on an actor that reserves no CPU, which makes CPU inference several times slower)"
+    )
     max_cache_len: int | None = Field(None, description="cache positions per slot (default: model n_positions)")
 
     # -- the batcher -----------------------------------------------------------------------------
     batch_max_size: int = Field(8, ge=1, description="largest prefill batch the batcher forms")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
     max_pending_requests: int = Field(
-        64, ge=1, description="requests the batcher holds (forming a batch, waiting for a slot or decoding); more get 503"
+        64, ge=1,
+        description="requests the batcher holds (forming a batch, waiting for a slot or decoding); more get 503",
     )
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 for overload carries")
     stall_timeout_s: float = Field(
@@ -58,4 +63,6 @@ class AppArgs(BaseModel):
             raise ValueError(f"mesh={self.mesh} needs at least that many chips, tpu_chips={self.tpu_chips}")
         if self.batch_max_size > self.slots:
             raise ValueError(f"batch_max_size={self.batch_max_size} exceeds slots={self.slots}")
+        if self.prefill_batch_buckets and max(self.prefill_batch_buckets) > self.slots:
+            raise ValueError(f"prefill_batch_buckets={list(self.prefill_batch_buckets)} exceed slots={self.slots}")
         return self

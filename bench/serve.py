@@ -20,9 +20,12 @@ The engine-only side runs the identical workload (same prompts, same arrival pat
 the ceiling the serving layers can reach on this machine. It runs while the app sits idle.
 
 Output, one JSON object per line on stdout:
-    {"system": "served"|"engine", "batch_max_size", "concurrency"|"rate", "requests", "completed",
-     "errors", "output_tokens", "seconds", "out_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s"}
-    {"served_over_engine": out_tok_s(served) / out_tok_s(engine)}
+    {"system": "served"|"engine", "batch_max_size", "prefills", "mean_prefill_batch",
+     "concurrency"|"rate", "requests", "completed", "errors", "output_tokens", "seconds", "out_tok_s",
+     "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s"}
+    {"served_out_tok_s_median", "engine_out_tok_s_median", "served_over_engine": the ratio of the two}
+With `--repeats R`, served and engine-only runs alternate R times, so background load on the machine
+weighs on both alike; the ratio is that of the medians.
 TTFT is send to the first token; TPOT (time per output token) is (last token - first token) /
 (tokens - 1) per request. Throughput is all output tokens over the wall time of the whole run.
 Progress goes to stderr.
@@ -38,6 +41,7 @@ import os
 import queue
 import random
 import socket
+import statistics
 import sys
 import time
 
@@ -279,10 +283,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             for r, xi in zip(points, x):
                 ax.annotate(f"{r['rate']:g}/s", (xi, r[f"{metric}_p50_s"] * 1000), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
-    for ax, name in zip(axes, ("time to first token (ms)", "time per output token (ms)")):
+    for ax, name, scale in zip(axes, ("time to first token (ms)", "time per output token (ms)"), ("log", "linear")):
         ax.set_xlabel("served throughput (output tokens/s)")
         ax.set_ylabel(name)
-        ax.set_yscale("log")
+        ax.set_yscale(scale)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -316,7 +320,8 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--no-engine", action="store_true", help="skip the engine-only run")
+    p.add_argument("--no-engine", action="store_true", help="skip the engine-only runs")
+    p.add_argument("--repeats", type=int, default=1, help="served and engine-only runs, alternating")
     p.add_argument("--plot", help="with --sweep-rates: write the throughput-latency PNG here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -331,26 +336,62 @@ def emit(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
+def prefill_counts(url: str) -> tuple[int, int]:
+    """(prefill batches, prefilled requests) so far, summed over the app's replicas."""
+    import httpx
+
+    replicas = httpx.get(f"{url}/v1/stats", timeout=30).json()["replicas"]
+    return sum(r["prefill_batches"] for r in replicas), sum(r["prefill_rows"] for r in replicas)
+
+
+def prefill_fields(batches: int, rows: int) -> dict:
+    return {"prefills": batches, "mean_prefill_batch": round(rows / batches, 2) if batches else None}
+
+
 def served_row(url: str, args: AppArgs, workload: Workload, **extra) -> dict:
+    batches, rows = prefill_counts(url)
     samples, seconds = asyncio.run(run_http(url, args.model_name, workload))
-    row = summarize("served", workload, samples, seconds, batch_max_size=args.batch_max_size, **extra)
+    batches_after, rows_after = prefill_counts(url)
+    row = summarize("served", workload, samples, seconds, batch_max_size=args.batch_max_size, **extra,
+                    **prefill_fields(batches_after - batches, rows_after - rows))
     emit(row)
     return row
 
 
-def engine_row(args: AppArgs, workload: Workload) -> dict:
+def load_engine(args: AppArgs):
     from app.replica import load_driver
 
     log("engine-only: loading and warming up the same engine in this process")
     driver = load_driver(args)
     driver.start()
-    try:
-        samples, seconds = run_engine(driver, workload)
-    finally:
-        driver.stop()
-    row = summarize("engine", workload, samples, seconds, batch_max_size=args.batch_max_size)
+    return driver
+
+
+def engine_row(driver, args: AppArgs, workload: Workload) -> dict:
+    batches, rows = driver.stats["prefill_batches"], driver.stats["prefill_rows"]
+    samples, seconds = run_engine(driver, workload)
+    row = summarize("engine", workload, samples, seconds, batch_max_size=args.batch_max_size,
+                    **prefill_fields(driver.stats["prefill_batches"] - batches, driver.stats["prefill_rows"] - rows))
     emit(row)
     return row
+
+
+def compare(url: str, args: AppArgs, workload: Workload, repeats: int, engine: bool) -> None:
+    """Served and engine-only runs, alternating `repeats` times (the machine's other load then
+    weighs on both alike), and the ratio of their median throughputs."""
+    driver = load_engine(args) if engine else None
+    served, alone = [], []
+    try:
+        for _ in range(repeats):
+            served.append(served_row(url, args, workload)["out_tok_s"])
+            if driver is not None:  # while the app sits idle
+                alone.append(engine_row(driver, args, workload)["out_tok_s"])
+    finally:
+        if driver is not None:
+            driver.stop()
+    if alone:
+        emit({"served_out_tok_s_median": statistics.median(served), "engine_out_tok_s_median": statistics.median(alone),
+              "served_over_engine": round(statistics.median(served) / statistics.median(alone), 3)})
 
 
 def sweep(args: AppArgs, workloads: list[Workload], plot_path: str | None, title: str) -> None:
@@ -381,15 +422,11 @@ def main(argv=None) -> int:
         return 0
     work = workload(opts.rate)
     if opts.url:
-        served = served_row(opts.url, args, work)
-        engine = None if opts.no_engine else engine_row(args, work)
+        compare(opts.url, args, work, opts.repeats, not opts.no_engine)
     else:
         with LocalApp() as app:
             app.deploy(args)
-            served = served_row(app.url, args, work)
-            engine = None if opts.no_engine else engine_row(args, work)  # the app up and idle, as before
-    if engine is not None:
-        emit({"served_over_engine": round(served["out_tok_s"] / engine["out_tok_s"], 3)})
+            compare(app.url, args, work, opts.repeats, not opts.no_engine)
     return 0
 
 

@@ -140,8 +140,10 @@ class Driver:
             raise RequestRejected(f"temperature must be >= 0, got {r.temperature}")
         if not 0 < r.top_p <= 1:
             raise RequestRejected(f"top_p must be in (0, 1], got {r.top_p}")
-        if r.top_k < 0:
-            raise RequestRejected(f"top_k must be >= 0, got {r.top_k}")
+        if not 0 <= r.top_k < 2**31:
+            raise RequestRejected(f"top_k must be in [0, 2**31), got {r.top_k}")
+        if r.seed is not None and not 0 <= r.seed < 2**31:  # the engine holds seeds as int32
+            raise RequestRejected(f"seed must be in [0, 2**31), got {r.seed}")
 
     def submit(self, request: Request, on_output: Callable[[Output], None]) -> str:
         """Queue a request; outputs arrive through `on_output` from the stepping thread."""

@@ -19,3 +19,39 @@ from tests.helpers import make_hf_checkpoint  # noqa: E402
 def hf_checkpoint(tmp_path_factory):
     """A small random GPT-J in HF format (4 heads, rotary_dim < head_dim, odd vocab)."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf_tiny"), seed=0)
+
+
+# -- Ray: one cluster and one shared Serve application per test run (see tests/cluster.py) ---------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """A started Ray cluster with Serve's HTTP proxy; its base URL (Serve apps add their route prefix)."""
+    from tests import cluster
+
+    url = cluster.start_cluster()
+    try:
+        yield url
+    finally:
+        cluster.stop_cluster()
+
+
+@pytest.fixture(scope="session")
+def app_checkpoint(tmp_path_factory):
+    """The random GPT-J (HF format, GPT-2's vocabulary) that the test applications serve."""
+    from tests import cluster
+
+    return make_hf_checkpoint(tmp_path_factory.mktemp("app_checkpoint"), cfg=cluster.APP_MODEL_CONFIG, seed=3)
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_cluster, app_checkpoint):
+    """The shared GPT-J application ("gptj" at "/"); tests must leave it idle and unchanged."""
+    from ray import serve
+
+    from app.builder import build_app
+    from tests import cluster
+
+    args = cluster.shared_app_args(app_checkpoint)
+    serve.run(build_app(args), name=cluster.APP_NAME, route_prefix="/")
+    return cluster.ServeApp(ray_cluster, args, app_checkpoint)

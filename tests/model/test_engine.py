@@ -213,7 +213,10 @@ def test_cancel_frees_the_slot_at_the_next_step(engine, tokenizer):
     (dict(prompt_ids=[1], max_tokens=4, temperature=-0.5), "temperature must be >= 0"),
     (dict(prompt_ids=[1], max_tokens=4, temperature=float("nan")), "temperature must be >= 0"),
     (dict(prompt_ids=[1], max_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(prompt_ids=[1], max_tokens=4, top_k=-1), "top_k must be >= 0"),
+    (dict(prompt_ids=[1], max_tokens=4, top_k=-1), r"top_k must be in \[0, 2\*\*31\)"),
+    (dict(prompt_ids=[1], max_tokens=4, top_k=2**40), r"top_k must be in \[0, 2\*\*31\)"),
+    (dict(prompt_ids=[1], max_tokens=4, seed=2**40), r"seed must be in \[0, 2\*\*31\)"),
+    (dict(prompt_ids=[1], max_tokens=4, seed=-1), r"seed must be in \[0, 2\*\*31\)"),
 ])
 def test_bad_requests_are_refused_with_the_reason(engine, tokenizer, request_kwargs, message):
     with pytest.raises(RequestRejected, match=message):

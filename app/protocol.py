@@ -1,0 +1,97 @@
+"""What the three deployments send each other, and the errors that cross deployment boundaries.
+
+    Ingress --EngineRequest--------------> Batcher --list[EngineRequest] (one prefill batch)--> Replica
+    Ingress <--Chunk, Chunk, ... (stream)-- Batcher <--list[Chunk], list[Chunk], ... (stream)--- Replica
+
+The ingress sends one `EngineRequest` per completion choice (a prompt, already tokenised and
+validated, with its sampling settings) as a streaming call to the batcher. The batcher forwards whole
+prefill batches to a replica as one streaming call and routes the replica's chunks back to each
+request's own stream. A `Chunk` carries every token one request produced since its previous chunk
+(several tokens per chunk, never one RPC per token per hop); the last chunk of a request has
+`finish_reason` set. A per-request failure travels as a chunk with `error`, so one bad request never
+fails the others of its batch; whole-call failures are exceptions.
+
+Exceptions carry their HTTP status so the ingress maps them without guessing; they keep their
+constructor arguments in `args`, so they survive pickling across actors (Ray re-raises them in the
+caller as a subclass of both `RayTaskError` and the original class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class EngineRequest:
+    """One generation: one prompt, one choice. Token ids are already checked against the model."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None = a fresh random seed
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+
+@dataclasses.dataclass
+class Chunk:
+    """The tokens (and their text) one request produced since its previous chunk."""
+
+    request_id: str
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "error", on a request's last chunk
+    error: str | None = None
+    error_status: int = 500  # the HTTP status for `error` (400: the engine rejected the request)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to validate requests without the model: the replica's limits."""
+
+    vocab_size: int  # valid prompt token ids are [0, vocab_size)
+    max_total_length: int  # prompt + max_tokens must fit in this many positions
+    prompt_buckets: tuple[int, ...]  # the longest prompt is prompt_buckets[-1] tokens
+
+
+class ServeError(Exception):
+    """An error with an HTTP status; the message is shown to the client as is."""
+
+    status_code = 500
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class InvalidRequest(ServeError):
+    """The request cannot be served as asked; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, status_code: int = 400):
+        super().__init__(message, param, status_code)
+        self.param = param
+        self.status_code = status_code
+
+
+class Overloaded(ServeError):
+    """Too many requests in flight: try again after `retry_after_s` (HTTP 503 with Retry-After)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(ServeError):
+    """No model replica has finished loading and warming up yet."""
+
+    status_code = 503

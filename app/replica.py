@@ -1,0 +1,297 @@
+"""The model replica: holds the weights and the engine, runs the continuous-batching loop.
+
+Lifecycle. `__init__` runs `load_driver` on a worker thread: it loads the checkpoint onto the mesh,
+builds the engine and compiles every shape (`Engine.warmup`); then the driver's stepping thread starts.
+Serve sends no request and counts no health check until `__init__` returns, so the replica is healthy
+(and the ingress's readiness route answers 200) only once it is warm. JAX is first imported there,
+from `__init__`, and nowhere else in the app: the ingress and batcher never touch an accelerator.
+
+Requests. The batcher calls `generate(batch)` once per prefill batch, as a streaming call. The batch
+is handed to the driver in one `submit_many`, so requests that share a prompt bucket are prefilled
+together. The driver calls back from its thread; `_OutputBridge` moves the outputs onto this replica's
+event loop (`loop.call_soon_threadsafe`, once per step), where `_ChunkBuffer` coalesces the batch's
+tokens into chunks. A request's first token and its end leave at once; other tokens leave when a
+request has `stream_chunk_tokens` of them or `stream_chunk_ms` after the oldest one arrived. One
+yield carries the chunks of every request in the batch, so the stream costs one RPC per chunk
+interval, not one per token.
+
+Cancellation. If the batcher cancels the stream (every client of the batch went away), the generator
+is closed and cancels its unfinished requests in the driver; their slots are free at the next step.
+When only some clients of a batch leave, the batcher broadcasts `cancel(request_id)` to all replicas;
+a replica that does not hold the request yet remembers the id, so a cancel that overtakes its batch
+still stops it.
+
+Health. `check_health` raises if the driver loop died, or made no step for `stall_timeout_s` while
+it had work (a wedged device); Serve restarts the replica after three failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+from ray import serve
+
+from app.args import AppArgs
+from app.metrics import ReplicaMetrics
+from app.protocol import Chunk, EngineRequest, ModelInfo
+
+if TYPE_CHECKING:
+    from model.driver import Driver, Output
+
+logger = logging.getLogger("ray.serve")
+
+EARLY_CANCELS_KEPT = 4096  # ids of cancels that arrived before their request; oldest forgotten first
+GAUGE_PERIOD_S = 1.0
+
+
+def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | None = None) -> "Driver":
+    """Load `args.checkpoint` onto `args.mesh`, build and warm up the engine: a driver ready to start.
+    The first JAX import of the process happens here. (Also the engine-only side of bench.serve.)"""
+    from model.sharding import ensure_host_devices
+
+    # Both before the first jax import: virtual CPU devices for the mesh, and XLA's CPU threads.
+    ensure_host_devices(args.mesh)
+    os.environ["OMP_NUM_THREADS"] = str(args.replica_threads or os.cpu_count())
+
+    from model import checkpoint
+    from model.driver import Driver
+    from model.engine import Engine, EngineConfig
+    from model.sharding import make_mesh
+    from model.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    mesh = make_mesh(args.mesh)
+    quantize = None if args.quantize == "none" else args.quantize
+    loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=quantize, progress=False)
+    local_dir = None if args.checkpoint in checkpoint.PRESETS else checkpoint.resolve(args.checkpoint)
+    cache_len = args.max_cache_len or loaded.cfg.n_positions
+    prompt_buckets = fit_prompt_buckets(args.prompt_buckets, cache_len)
+    if prompt_buckets != tuple(args.prompt_buckets):
+        logger.warning(f"prompt buckets {list(args.prompt_buckets)} exceed the {cache_len}-position cache of "
+                       f"{args.checkpoint}; serving with {list(prompt_buckets)}")
+    config = EngineConfig(
+        prompt_buckets=prompt_buckets, batch_buckets=tuple(args.prefill_batch_buckets), slots=args.slots,
+        max_cache_len=args.max_cache_len, kv_cache_dtype=args.kv_cache_dtype,
+    )
+    engine = Engine(loaded.weights, loaded.cfg, config, mesh)
+    engine.warmup()
+    logger.info(f"engine ready: {args.checkpoint} ({loaded.source}) on {args.mesh} device(s), "
+                f"warm-up {engine.warmup_seconds:.1f}s, total {time.perf_counter() - start:.1f}s")
+    return Driver(engine, Tokenizer.for_checkpoint(local_dir), on_prefill=on_prefill)
+
+
+def fit_prompt_buckets(buckets: tuple[int, ...], cache_len: int) -> tuple[int, ...]:
+    """The prompt buckets that fit the cache, plus one of the cache's length in place of those that do
+    not: the checkpoint's context (n_positions) is known only once it is loaded, and a small
+    checkpoint should still serve with the default buckets."""
+    fitting = tuple(b for b in buckets if b <= cache_len)
+    return fitting if len(fitting) == len(buckets) else fitting + (cache_len,)
+
+
+class _OutputBridge:
+    """Driver outputs from the stepping thread to the event loop, with one wake-up per step.
+
+    The driver delivers a step's outputs back to back. The one that lands in an empty deque schedules
+    a wake-up (`loop.call_soon_threadsafe`); the others only join the deque (appends and pops are
+    thread-safe) and are drained with it, so the loop wakes once per step, not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._outputs: collections.deque[Output] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, out: "Output") -> None:  # on the driver thread
+        self._outputs.append(out)
+        if len(self._outputs) == 1:
+            try:
+                self._loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop is closed: the replica is shutting down
+                pass
+
+    async def wait(self, timeout_s: float | None) -> None:
+        """Until outputs are waiting or `timeout_s` (None: no limit) has passed."""
+        if not self._outputs:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._ready.wait()
+            except TimeoutError:
+                pass
+        self._ready.clear()
+
+    def drain(self) -> list["Output"]:
+        outputs = []
+        while self._outputs:
+            outputs.append(self._outputs.popleft())
+        return outputs
+
+
+class _ChunkBuffer:
+    """Coalesces one batch's driver outputs into chunks (see the module docstring for when they leave)."""
+
+    def __init__(self, chunk_tokens: int, chunk_s: float):
+        self._chunk_tokens = chunk_tokens
+        self._chunk_s = chunk_s
+        self._pending: dict[str, Chunk] = {}
+        self._seen: set[str] = set()
+        self._oldest: float | None = None
+        self._urgent = False
+
+    def add(self, out: "Output") -> None:
+        chunk = self._pending.get(out.request_id)
+        if chunk is None:
+            chunk = self._pending[out.request_id] = Chunk(out.request_id)
+        chunk.token_ids += out.token_ids
+        chunk.logprobs += out.logprobs
+        chunk.text += out.text
+        if out.finished:
+            chunk.finish_reason = out.finish_reason
+            chunk.error = out.error
+        first = out.request_id not in self._seen
+        self._seen.add(out.request_id)
+        self._urgent |= first or out.finished or len(chunk.token_ids) >= self._chunk_tokens
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+
+    def wait_s(self) -> float | None:
+        """Seconds until the buffer is due (0: now); None when it is empty."""
+        if self._oldest is None:
+            return None
+        if self._urgent:
+            return 0.0
+        return max(0.0, self._oldest + self._chunk_s - time.monotonic())
+
+    def take(self) -> list[Chunk]:
+        chunks = list(self._pending.values())
+        self._pending.clear()
+        self._oldest = None
+        self._urgent = False
+        return chunks
+
+
+@serve.deployment(graceful_shutdown_timeout_s=120, health_check_period_s=10, health_check_timeout_s=30)
+class Replica:
+    """One engine on one mesh (a TPU v5e host on GKE, the CPU locally). See the module docstring."""
+
+    async def __init__(self, args: AppArgs):
+        self._args = args
+        self._open: set[str] = set()  # request ids this replica is generating
+        self._early_cancels: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cancelled_slots = 0  # requests the driver stopped because we cancelled them
+        self._metrics = ReplicaMetrics()
+        self._driver = await asyncio.to_thread(load_driver, args, self._on_prefill)
+        self._driver.start()
+        self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def generate(self, batch: list[EngineRequest]) -> AsyncIterator[list[Chunk]]:
+        """Generate a prefill batch; yields lists of chunks until every request in it has finished."""
+        from model.driver import Request
+        from model.engine import RequestRejected
+
+        bridge = _OutputBridge(asyncio.get_running_loop())
+
+        def deliver(out: "Output") -> None:  # on the driver thread: must never raise
+            if out.finish_reason == "cancelled":
+                self._cancelled_slots += 1
+            bridge.put(out)
+
+        rejected, items = [], []
+        for r in batch:
+            if r.request_id in self._early_cancels:  # its client left before the batch got here
+                del self._early_cancels[r.request_id]
+                continue
+            request = Request(
+                prompt_ids=r.prompt_ids, max_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k,
+                top_p=r.top_p, seed=r.seed, stop=r.stop, stop_at_eos=r.stop_at_eos, request_id=r.request_id,
+            )
+            try:
+                self._driver.validate(request)
+            except RequestRejected as e:
+                rejected.append(Chunk(r.request_id, finish_reason="error", error=str(e), error_status=400))
+                continue
+            items.append((request, deliver))
+        self._driver.submit_many(items)
+        open_ids = {request.request_id for request, _ in items}
+        self._open |= open_ids
+        buffer = _ChunkBuffer(self._args.stream_chunk_tokens, self._args.stream_chunk_ms / 1000)
+        try:
+            if rejected:
+                yield rejected
+            while open_ids:
+                await bridge.wait(buffer.wait_s())
+                for out in bridge.drain():
+                    buffer.add(out)
+                    if out.finished:
+                        open_ids.discard(out.request_id)
+                if buffer.wait_s() == 0:
+                    yield buffer.take()
+            if buffer.wait_s() is not None:
+                yield buffer.take()
+        finally:
+            for request_id in open_ids:  # the batcher went away: free the slots
+                self._driver.cancel(request_id)
+            self._open -= {request.request_id for request, _ in items}
+
+    def cancel(self, request_id: str) -> None:
+        """Stop one request (broadcast by the batcher when its client left); unknown ids are remembered."""
+        if request_id in self._open:
+            self._driver.cancel(request_id)
+            return
+        self._early_cancels[request_id] = None
+        while len(self._early_cancels) > EARLY_CANCELS_KEPT:
+            self._early_cancels.popitem(last=False)
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        engine = self._driver.engine
+        return ModelInfo(
+            vocab_size=engine.cfg.real_vocab_size, max_total_length=engine.max_total_length,
+            prompt_buckets=tuple(engine.config.prompt_buckets),
+        )
+
+    def stats(self) -> dict:
+        """The engine loop's counters (prefill batches and rows, decode steps, tokens) and state."""
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "active_slots": self._driver.active_slots,
+            "waiting": self._driver.waiting,
+            "cancelled": self._cancelled_slots,
+            "compilations_since_warmup": self._driver.engine.compilations_since_warmup,
+            "warmup_seconds": self._driver.engine.warmup_seconds,
+            **dict.fromkeys(("prefill_batches", "prefill_rows", "decode_steps", "tokens_out"), 0),
+            **self._driver.stats,
+        }
+
+    def check_health(self) -> None:
+        driver = self._driver
+        if driver.error is not None:
+            raise RuntimeError(f"engine loop failed: {type(driver.error).__name__}: {driver.error}")
+        idle = time.monotonic() - driver.last_step_at
+        if idle > self._args.stall_timeout_s:
+            raise RuntimeError(
+                f"engine loop made no step for {idle:.0f}s (stall_timeout_s={self._args.stall_timeout_s})"
+            )
+
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def _on_prefill(self, bucket: int, waited_s: list[float]) -> None:  # on the driver thread
+        self._metrics.prefill_batch_size.observe(len(waited_s), tags={"bucket": str(bucket)})
+        for w in waited_s:
+            self._metrics.queue_time.observe(w)
+
+    async def _update_gauges(self) -> None:
+        slots = self._driver.engine.max_concurrent_decodes
+        while True:
+            active = self._driver.active_slots
+            self._metrics.slots_active.set(active)
+            self._metrics.slot_occupancy.set(active / slots)
+            self._metrics.waiting.set(self._driver.waiting)
+            self._metrics.compilations.set(self._driver.engine.compilations_since_warmup or 0)
+            await asyncio.sleep(GAUGE_PERIOD_S)

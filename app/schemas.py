@@ -1,0 +1,213 @@
+"""The public API's shapes: OpenAI completions, the model list, Saxml's `/generate`, the error body.
+
+The same models serve HTTP (FastAPI parses the body into them) and Python handles
+(`serve.get_app_handle("gptj").generate.remote(CompletionRequest(...))`).
+
+Completions follow OpenAI's legacy completions API. `prompt` is a string, a list of strings, a list of
+token ids or a list of lists of token ids. Extra fields beyond OpenAI's: `top_k`, `ignore_eos` (keep
+generating past <|endoftext|>, for benchmarks) and `return_token_ids` (each choice also carries its
+prompt and completion token ids). OpenAI fields this server cannot honour are accepted only at their
+neutral values (penalties 0, no logit_bias, no suffix, best_of = n), so a client that sends the
+defaults works and one that asks for more is told so. Unknown fields are rejected: a typo never
+silently changes nothing. `logprobs` gives the chosen tokens' log-probabilities (the model's own
+distribution); top alternatives are not computed, so `top_logprobs` is null.
+
+Saxml's HTTP server took `{"model", "query", "extra_inputs": {...}}` and answered
+`{"generate_response": [[text, score], ...]}`, score being the sum of the chosen tokens' log-probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+PromptInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+INT32_MAX = 2**31 - 1  # the engine holds top_k and seeds as int32
+
+
+def _omit_none(value) -> bool:
+    return value is None
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI completions
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions, and the argument of the handle's `generate` / `generate_stream`."""
+
+    # An instance from a handle caller is validated again: it may have been built with model_construct.
+    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
+
+    model: str
+    prompt: PromptInput
+    max_tokens: int | None = Field(None, ge=1, description="default: the app's default_max_tokens")
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, le=INT32_MAX, description="0 = off (an extra field, not in OpenAI's API)")
+    n: int = Field(1, ge=1, description="completions per prompt")
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = Field(None, ge=0, le=INT32_MAX, description="choice i of n uses (seed + i) mod 2**31")
+    logprobs: int | None = Field(None, ge=0, le=5, description="return chosen-token logprobs")
+    echo: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+    # Accepted for compatibility at their neutral values only.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt):
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts = [prompt]
+        else:
+            prompts = prompt
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompt must not be empty (nor contain an empty prompt)")
+        return prompt
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stop
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value, info):
+        if value != 0:
+            raise ValueError(f"{info.field_name} is not supported (only 0)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value):
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (leave it unset or equal to n)")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs is not supported (prompt logprobs are not computed)")
+        return self
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
+    token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """The whole result (stream=false), or, with object "text_completion" too, one stream event."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# A stream event has the same shape as the response: the choices that advanced, with their new text.
+CompletionChunk = CompletionResponse
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gptj-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# Saxml /generate
+
+
+class SaxmlExtraInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="0 = greedy")
+    per_example_max_decode_steps: int | None = Field(None, ge=1, description="default: default_max_tokens")
+    per_example_top_k: int = Field(0, ge=0, le=INT32_MAX, description="0 = off")
+    per_example_top_p: float = Field(1.0, gt=0, le=1)
+
+
+class SaxmlGenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
+
+    model: str
+    query: StrictStr = Field(min_length=1)
+    extra_inputs: SaxmlExtraInputs = SaxmlExtraInputs()
+
+
+class SaxmlGenerateResponse(BaseModel):
+    generate_response: list[tuple[str, float]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors (OpenAI's shape, also used by /generate)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,137 @@
+"""The app's pure parts, without Ray: request schemas, planning, response assembly, token chunking."""
+
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from app.completions import CompletionAssembler, plan_completion
+from app.protocol import Chunk, InvalidRequest, ModelInfo
+from app.replica import _ChunkBuffer, fit_prompt_buckets
+from app.schemas import CompletionRequest
+from model.driver import Output
+from model.tokenizer import Tokenizer
+
+INFO = ModelInfo(vocab_size=50257, max_total_length=128, prompt_buckets=(16, 64))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.gpt2()
+
+
+def request(**fields) -> CompletionRequest:
+    return CompletionRequest(model="m", **{"prompt": "Hello world", **fields})
+
+
+@pytest.mark.parametrize("prompt", ["text", ["a", "b"], [1, 2, 3], [[1], [2, 3]]])
+def test_prompt_forms(prompt):
+    assert request(prompt=prompt).prompt == prompt
+
+
+@pytest.mark.parametrize("prompt", [True, [True, 2], ["1", 2], [[1], ["a"]], 1.5, "", [], [[]], ["a", ""]])
+def test_bad_prompts(prompt):
+    with pytest.raises(ValidationError) as e:
+        request(prompt=prompt)
+    assert e.value.errors()[0]["loc"][0] == "prompt"
+
+
+def test_plan_expands_prompts_and_choices(tokenizer):
+    plan = plan_completion(request(prompt=[[1, 2], [3]], n=3, seed=10, ignore_eos=True), INFO, tokenizer, 16, 8, 64)
+    assert [r.prompt_ids for r in plan.requests] == [[1, 2]] * 3 + [[3]] * 3
+    assert [r.seed for r in plan.requests] == [10, 11, 12] * 2  # choice j of each prompt: seed + j
+    assert all(r.max_tokens == 16 and not r.stop_at_eos for r in plan.requests)
+    assert len({r.request_id for r in plan.requests}) == 6
+    big = plan_completion(request(n=2, seed=2**31 - 1), INFO, tokenizer, 16, 8, 64)
+    assert [r.seed for r in big.requests] == [2**31 - 1, 0]  # wrapped into the engine's int32
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31, 2**64])
+def test_seeds_outside_int32_are_refused(seed):
+    with pytest.raises(ValidationError, match="seed"):
+        request(seed=seed)
+
+
+def test_handle_instances_are_validated_again():
+    bogus = CompletionRequest.model_construct(model="m", prompt=12, n=1)
+    with pytest.raises(ValidationError, match="prompt"):
+        CompletionRequest.model_validate(bogus)
+
+
+@pytest.mark.parametrize("fields,param,message", [
+    ({"n": 9}, "n", "n must be in [1, 8]"),
+    ({"prompt": [50257]}, "prompt", "outside the vocabulary"),
+    ({"prompt": [1] * 65}, "prompt", "prompt has 65 tokens"),
+    ({"prompt": [1] * 60, "max_tokens": 69}, "max_tokens", "exceeds the context limit of 128"),
+    ({"prompt": ["a"] * 9, "n": 8}, "n", "9 prompts x n=8 = 72 completions; at most 64"),
+    ({"prompt": ["a"] * 65}, "prompt", "65 prompts x n=1 = 65 completions; at most 64"),
+])
+def test_plan_rejections(tokenizer, fields, param, message):
+    with pytest.raises(InvalidRequest, match=message.replace("[", r"\[")) as e:
+        plan_completion(request(**fields), INFO, tokenizer, 16, 8, 64)
+    assert e.value.param == param and e.value.status_code == 400
+
+
+def test_assembler_echo_usage_logprobs(tokenizer):
+    req = request(prompt=["Hello world", "Hi"], n=2, logprobs=0, return_token_ids=True)
+    plan = plan_completion(req, INFO, tokenizer, 16, 8, 64)
+    asm = CompletionAssembler(req, plan, "m", tokenizer)
+    first, second = [r.request_id for r in plan.requests[:2]]
+    ids = tokenizer.encode(" one two")
+    event = asm.add(Chunk(first, ids[:1], [-1.0], tokenizer.decode(ids[:1])))
+    assert event.choices[0].index == 0 and event.choices[0].logprobs.text_offset == [0]
+    event = asm.add(Chunk(first, ids[1:], [-2.0], tokenizer.decode(ids[1:]), finish_reason="length"))
+    assert event.choices[0].logprobs.text_offset == [len(" one")]  # offsets run on across chunks
+    asm.add(Chunk(second, [11], [-0.5], ",", finish_reason="stop"))
+    for r in plan.requests[2:]:
+        asm.add(Chunk(r.request_id, [], [], "", finish_reason="stop"))
+    response = asm.response()
+    assert response.choices[0].text == " one two" and response.choices[0].token_ids == ids
+    assert response.choices[0].logprobs.token_logprobs == [-1.0, -2.0]
+    assert [c.finish_reason for c in response.choices] == ["length", "stop", "stop", "stop"]
+    assert response.usage.prompt_tokens == 2 + 1  # each prompt once, whatever n
+    assert response.usage.completion_tokens == 3
+
+    echo = request(echo=True)
+    plan = plan_completion(echo, INFO, tokenizer, 16, 8, 64)
+    asm = CompletionAssembler(echo, plan, "m", tokenizer)
+    rid = plan.requests[0].request_id
+    assert asm.add(Chunk(rid, [11], [-1.0], ",")).choices[0].text == "Hello world,"
+    assert asm.add(Chunk(rid, [13], [-1.0], ".", finish_reason="length")).choices[0].text == "."
+    assert asm.response().choices[0].text == "Hello world,."
+
+
+def test_chunk_buffer_coalesces_tokens():
+    buf = _ChunkBuffer(chunk_tokens=3, chunk_s=60)
+    assert buf.wait_s() is None
+    buf.add(Output("a", [1], [-0.1], "x"))
+    assert buf.wait_s() == 0  # a request's first token leaves at once
+    assert [c.token_ids for c in buf.take()] == [[1]]
+    buf.add(Output("a", [2], [-0.2], "y"))
+    buf.add(Output("b", [7], [-0.7], "z"))  # b's first token: the buffer is due, and takes a's too
+    assert buf.wait_s() == 0
+    assert {c.request_id: c.token_ids for c in buf.take()} == {"a": [2], "b": [7]}
+    buf.add(Output("a", [3], [-0.3], "p"))
+    buf.add(Output("a", [4], [-0.4], "q"))
+    assert 59 < buf.wait_s() <= 60  # two tokens wait for a third, or for chunk_s
+    buf.add(Output("a", [5], [-0.5], "r"))
+    [chunk] = buf.take()
+    assert (chunk.token_ids, chunk.text, chunk.finished) == ([3, 4, 5], "pqr", False)
+    buf.add(Output("b", [8], [-0.8], "s", finished=True, finish_reason="stop"))
+    assert buf.wait_s() == 0 and buf.take()[0].finish_reason == "stop"
+
+
+def test_chunk_buffer_time_limit():
+    buf = _ChunkBuffer(chunk_tokens=100, chunk_s=0.05)
+    buf.add(Output("a", [1], [-0.1], "x"))
+    buf.take()
+    buf.add(Output("a", [2], [-0.1], "y"))
+    assert buf.wait_s() > 0
+    time.sleep(0.06)
+    assert buf.wait_s() == 0
+
+
+def test_prompt_buckets_fit_the_context():
+    assert fit_prompt_buckets((32, 128, 512), 2048) == (32, 128, 512)
+    assert fit_prompt_buckets((32, 128, 512), 256) == (32, 128, 256)  # a small checkpoint still serves
+    assert fit_prompt_buckets((512, 1024), 128) == (128,)

@@ -1,0 +1,150 @@
+"""Serving behaviour of the real graph: dynamic batching, overload, disconnects, Python handles."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from app.protocol import InvalidRequest
+from app.schemas import CompletionRequest
+from tests.cluster import APP_NAME, MODEL_NAME
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+def stats(url: str) -> dict:
+    """The batcher's counters and the (single) replica's engine counters."""
+    body = httpx.get(f"{url}/v1/stats", timeout=30).json()
+    [replica] = body["replicas"]
+    return {"batcher": body["batcher"], **replica}
+
+
+def wait_until_idle(url: str, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = stats(url)
+        if s["active_slots"] == 0 and s["waiting"] == 0 and s["batcher"]["held"] == 0:
+            return s
+        assert time.monotonic() < deadline, f"the app did not go idle: {s}"
+        time.sleep(0.1)
+
+
+async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+
+
+def test_concurrent_requests_share_prefill_batches(serve_app):
+    before = wait_until_idle(serve_app.url)
+    bodies = [{"model": MODEL_NAME, "prompt": f"{PROMPT} {i}", "max_tokens": 8, "temperature": 0} for i in range(4)]
+    responses = asyncio.run(post_all(serve_app.url, bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    after = wait_until_idle(serve_app.url)
+    rows = after["prefill_rows"] - before["prefill_rows"]
+    prefills = after["prefill_batches"] - before["prefill_batches"]
+    assert rows == 4 and prefills < 4, f"4 concurrent requests took {prefills} prefills"
+    assert after["batcher"]["batches"] - before["batcher"]["batches"] < 4
+    assert after["compilations_since_warmup"] == 0
+
+
+def test_overload_answers_503_with_retry_after(serve_app):
+    """Past max_pending_requests the batcher refuses at once (503, Retry-After); the rest are served."""
+    wait_until_idle(serve_app.url)
+    limit = serve_app.args.max_pending_requests
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}
+    responses = asyncio.run(post_all(serve_app.url, [body] * (limit + limit // 2)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * limit + [503] * (limit // 2), statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == str(round(serve_app.args.retry_after_s))
+            assert "max_pending_requests=8" in r.json()["error"]["message"]
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 200
+    wait_until_idle(serve_app.url)
+
+
+async def _stream_first_event_then_leave(url: str, body: dict) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    return json.loads(line[len("data: "):])
+    raise AssertionError("no event before the stream ended")
+
+
+async def _stream_to_end(url: str, body: dict) -> list[dict]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: {")]
+    return [json.loads(line[len("data: "):]) for line in lines]
+
+
+def test_disconnect_frees_the_slot(serve_app):
+    """A client that leaves mid-stream frees its slot long before its max_tokens, while a request that
+    shares its batch runs on to the end."""
+    before = wait_until_idle(serve_app.url)
+    long_body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 240, "ignore_eos": True, "stream": True}
+    short_body = {**long_body, "max_tokens": 30}
+
+    async def scenario():
+        return await asyncio.gather(_stream_first_event_then_leave(serve_app.url, long_body),
+                                    _stream_to_end(serve_app.url, short_body))
+
+    _, kept = asyncio.run(scenario())
+    assert kept[-1]["choices"][0]["finish_reason"] == "length"
+    after = wait_until_idle(serve_app.url)
+    assert after["cancelled"] - before["cancelled"] == 1
+    generated = after["tokens_out"] - before["tokens_out"]
+    assert generated < 30 + 240, generated  # the long one stopped early
+
+
+def test_python_handle_from_the_driver(serve_app):
+    handle = serve.get_app_handle(APP_NAME)
+    request = CompletionRequest(model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True)
+    response = handle.generate.remote(request).result()
+    http = httpx.post(f"{serve_app.url}/v1/completions", json=request.model_dump(exclude_none=True), timeout=60).json()
+    assert response.choices[0].text == http["choices"][0]["text"]
+    chunks = list(handle.generate_stream.options(stream=True).remote(request))
+    assert "".join(c.choices[0].text for c in chunks) == response.choices[0].text
+    with pytest.raises(InvalidRequest) as e:
+        handle.generate.remote({"model": MODEL_NAME, "prompt": PROMPT, "n": 99}).result()
+    assert e.value.param == "n"
+
+
+def test_second_app_uses_the_handle(serve_app):
+    from tests.app.consumer import Consumer
+
+    consumer = serve.run(Consumer.bind(APP_NAME), name="consumer", route_prefix=None)
+    try:
+        request = CompletionRequest(model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True)
+        text = consumer.complete.remote(request).result()
+        pieces = consumer.complete_streamed.remote(request).result()
+        assert len(text) > 0 and len(pieces) > 1 and "".join(pieces) == text
+    finally:
+        serve.delete("consumer")
+
+
+def test_prometheus_metrics_are_exported(serve_app):
+    """The app's own metrics reach the node's Prometheus endpoint (Ray exports every few seconds)."""
+    import ray
+
+    wanted = {"ray_gptj_time_to_first_token_seconds_count", "ray_gptj_time_per_output_token_seconds_count",
+              "ray_gptj_queue_seconds_count", "ray_gptj_prefill_batch_size_count", "ray_gptj_batcher_batch_size_count",
+              "ray_gptj_output_tokens_total", "ray_gptj_slot_occupancy", "ray_gptj_compilations_since_warmup"}
+    httpx.post(f"{serve_app.url}/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4},
+               timeout=60).raise_for_status()
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + 60
+    while True:
+        lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+        samples = {line.split("{")[0].split(" ")[0]: line for line in lines if line.startswith("ray_gptj_")}
+        if wanted <= samples.keys():
+            break
+        assert time.monotonic() < deadline, f"missing metrics: {sorted(wanted - samples.keys())}"
+        time.sleep(2)
+    assert samples["ray_gptj_compilations_since_warmup"].endswith(" 0.0")

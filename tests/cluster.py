@@ -1,0 +1,84 @@
+"""One real Ray cluster and one shared GPT-J Serve application for the whole test run.
+
+Every package that needs Ray (tests/app, tests/reliability) uses the session fixtures that
+tests/conftest.py builds from this module: a cluster costs about 10 s to start, and two clusters
+must never run at once on a shared machine (run Ray tests under `flock /tmp/ray-tests.lock`).
+
+The cluster: 2 CPUs, no dashboard, Serve's HTTP proxy on a free port of 127.0.0.1, and a job-level
+runtime_env that every Serve replica inherits: the repository on PYTHONPATH (so workers can import
+test-only deployments such as tests/app/consumer.py and tests/reliability/faulty.py), CPU-only JAX,
+Ray auth disabled, and TEST_API_KEY in the variable TEST_API_KEY_ENV. That variable stands for what
+the GKE head pod gets from a Kubernetes Secret: present in the processes' environment, never in the
+application's config (tests/reliability/test_security.py deploys an app whose `api_key_env` names it).
+
+The shared application ("gptj" at "/") serves a random GPT-J checkpoint in the Hugging Face format
+(built with transformers, GPT-2's full vocabulary so any text prompt works) through the real graph:
+HTTP proxy -> Ingress -> Batcher -> Replica. Settings are small so warm-up is quick (two prompt
+buckets, two batch sizes, four slots) and chosen for the tests: a batch wait long enough that
+concurrent requests share a prefill, a pending limit low enough to provoke overload, a body limit
+(64 KiB) low enough to provoke 413 cheaply yet above the hostile bodies that must be refused for
+what they hold (a 10,000-element stop list, 30,000-deep JSON nesting). Tests that kill or redeploy
+things deploy an application of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+from app.args import AppArgs
+from model.config import GPTJConfig
+from tests.helpers import HFCheckpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP_NAME = "gptj"
+MODEL_NAME = "gptj-test"
+# Tiny shapes, GPT-2's whole (padded) vocabulary, a 256-position context.
+APP_MODEL_CONFIG = GPTJConfig(vocab_size=50400, n_positions=256, d_model=64, n_layers=2, n_heads=4, rotary_dim=8, d_ff=192)
+TEST_API_KEY_ENV = "GPTJ_TEST_API_KEY"
+TEST_API_KEY = "test-key-7f3a9c"
+
+
+@dataclasses.dataclass
+class ServeApp:
+    url: str
+    args: AppArgs
+    checkpoint: HFCheckpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster() -> str:
+    """Start Ray and Serve's HTTP proxy (see the module docstring); returns the proxy's base URL."""
+    import ray
+    from ray import serve
+
+    env = {
+        "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO_ROOT, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+        TEST_API_KEY_ENV: TEST_API_KEY,
+    }
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_cluster() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def shared_app_args(checkpoint: HFCheckpoint) -> AppArgs:
+    return AppArgs(
+        model_name=MODEL_NAME, checkpoint=checkpoint.path, prompt_buckets=(16, 64), prefill_batch_buckets=(1, 4),
+        slots=4, batch_max_size=4, batch_wait_ms=100, max_pending_requests=8, retry_after_s=2,
+        max_request_bytes=65536, stream_chunk_tokens=4, stream_chunk_ms=50,
+    )
