@@ -97,18 +97,11 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"{info.field_name} is not supported (only 0)")
         return value
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", "suffix")
     @classmethod
-    def _no_logit_bias(cls, value):
+    def _unsupported(cls, value, info):
         if value:
-            raise ValueError("logit_bias is not supported")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return value
 
     @model_validator(mode="after")
