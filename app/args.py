@@ -51,7 +51,16 @@ class AppArgs(BaseModel):
     # -- the HTTP API ----------------------------------------------------------------------------
     default_max_tokens: int = Field(16, ge=1)
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="largest max_tokens a request may ask for (400 above it); None: what fits the context"
+    )
     max_n: int = Field(8, ge=1, description="largest `n` (completions per prompt)")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the environment variable holding the key HTTP clients must send as `Authorization: Bearer "
+        "<key>` (401 otherwise); None: no key. The config names the variable, never the key (on GKE a Secret "
+        "sets it on the head pod, where the ingress runs)",
+    )
     stream_chunk_tokens: int = Field(4, ge=1, description="tokens relayed per streaming chunk between deployments")
     stream_chunk_ms: float = Field(20.0, ge=0, description="or after this long, whichever comes first")
 
@@ -63,6 +72,10 @@ class AppArgs(BaseModel):
             raise ValueError(f"mesh={self.mesh} needs at least that many chips, tpu_chips={self.tpu_chips}")
         if self.batch_max_size > self.slots:
             raise ValueError(f"batch_max_size={self.batch_max_size} exceeds slots={self.slots}")
+        if self.max_tokens_limit is not None and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens={self.default_max_tokens} exceeds max_tokens_limit={self.max_tokens_limit}"
+            )
         if self.prefill_batch_buckets and max(self.prefill_batch_buckets) > self.slots:
             raise ValueError(f"prefill_batch_buckets={list(self.prefill_batch_buckets)} exceed slots={self.slots}")
         return self

@@ -16,6 +16,10 @@ batch that advanced; the batcher routes each chunk to its request's queue, and e
 hands its chunks to the ingress. Chunks hold several tokens (see app.replica), so no hop pays one RPC
 per token.
 
+Failures. If the replica dies under a batch, every unfinished request of the batch ends with an error
+chunk of status 503 (the ingress adds Retry-After: the request can be sent again, and Serve is
+replacing the replica); any other failure of the call ends them with a 500 that names it.
+
 Cancellation. When a client goes away, Serve cancels its stream here. A request still forming a batch
 just leaves the group. If every unfinished request of a dispatched batch is gone, the batch's call is
 cancelled and the replica frees their slots; otherwise the batcher broadcasts `cancel(request_id)` to
@@ -34,12 +38,13 @@ import logging
 from typing import AsyncIterator
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.args import AppArgs
 from app.metrics import BatcherMetrics
-from app.protocol import Chunk, EngineRequest, ModelInfo, Overloaded
+from app.protocol import Chunk, EngineRequest, ModelInfo, Overloaded, describe
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,6 +73,8 @@ class Batcher:
     def __init__(self, replica: DeploymentHandle, args: AppArgs):
         self._replica = replica
         self._replica_generate = replica.options(method_name="generate", stream=True)
+        # This replica's actor name: replicas cancel what it left them if it dies.
+        self._name = serve.get_replica_context().replica_id.to_full_id_str()
         self._args = args
         self._forming: dict[int, list[_Pending]] = {}  # prompt bucket -> requests waiting for their batch
         self._timers: dict[int, asyncio.TimerHandle] = {}
@@ -143,7 +150,7 @@ class Batcher:
         """Call a replica for the batch and route its chunks; a failure ends every unfinished request."""
         if not batch.unfinished:
             return  # every client left before the batch went out
-        batch.response = self._replica_generate.remote([p.request for p in batch.members.values()])
+        batch.response = self._replica_generate.remote([p.request for p in batch.members.values()], self._name)
         error: Chunk | None = None
         try:
             async for chunks in batch.response:
@@ -157,10 +164,14 @@ class Batcher:
         except BackPressureError as e:
             error = Chunk("", finish_reason="error", error=f"model replicas are saturated ({e}); retry later",
                           error_status=503)
-        except Exception as e:  # noqa: BLE001  (a replica died or the batch was cancelled)
+        except RayActorError as e:  # the replica died: its requests may be sent again (503, Retry-After)
+            logger.warning(f"batch of {len(batch.members)} lost with its replica: {describe(e)}")
+            error = Chunk("", finish_reason="error", error=f"model replica failed ({describe(e)}); retry",
+                          error_status=503)
+        except Exception as e:  # noqa: BLE001  (the replica raised, or the batch was cancelled)
             if batch.unfinished:
-                logger.warning(f"batch of {len(batch.members)} failed: {type(e).__name__}: {e}")
-            error = Chunk("", finish_reason="error", error=f"model replica failed: {type(e).__name__}: {e}")
+                logger.warning(f"batch of {len(batch.members)} failed: {describe(e)}")
+            error = Chunk("", finish_reason="error", error=f"model replica failed: {describe(e)}")
         if batch.unfinished and error is None:
             error = Chunk("", finish_reason="error", error="model replica ended the batch early")
         for request_id in batch.unfinished:

@@ -45,6 +45,14 @@ def check_prompt(
         )
 
 
+def check_max_tokens(max_tokens: int, limit: int | None, param: str = "max_tokens") -> None:
+    """The server's own cap on max_tokens (AppArgs.max_tokens_limit), if it has one."""
+    if limit is not None and max_tokens > limit:
+        raise InvalidRequest(
+            f"{param}={max_tokens} exceeds this server's max_tokens_limit={limit}", param.split(".")[0]
+        )
+
+
 def tokenize_prompts(request: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
     prompt = request.prompt
     if isinstance(prompt, str):
@@ -68,12 +76,14 @@ class CompletionPlan:
 
 def plan_completion(
     request: CompletionRequest, info: ModelInfo, tokenizer: Tokenizer, default_max_tokens: int, max_n: int,
-    max_choices: int,
+    max_choices: int, max_tokens_limit: int | None = None,
 ) -> CompletionPlan:
-    """`max_choices` bounds prompts x n: more could never be admitted at once (max_pending_requests)."""
+    """`max_choices` bounds prompts x n: more could never be admitted at once (max_pending_requests).
+    `max_tokens_limit`, if set, bounds max_tokens below what the context allows."""
     if not 1 <= request.n <= max_n:
         raise InvalidRequest(f"n must be in [1, {max_n}], got {request.n}", "n")
     max_tokens = request.max_tokens or default_max_tokens
+    check_max_tokens(max_tokens, max_tokens_limit)
     prompts = tokenize_prompts(request, tokenizer)
     if len(prompts) * request.n > max_choices:
         raise InvalidRequest(
@@ -101,10 +111,12 @@ def plan_completion(
 
 
 def plan_saxml(
-    request: SaxmlGenerateRequest, info: ModelInfo, tokenizer: Tokenizer, default_max_tokens: int
+    request: SaxmlGenerateRequest, info: ModelInfo, tokenizer: Tokenizer, default_max_tokens: int,
+    max_tokens_limit: int | None = None,
 ) -> EngineRequest:
     extra = request.extra_inputs
     max_tokens = extra.per_example_max_decode_steps or default_max_tokens
+    check_max_tokens(max_tokens, max_tokens_limit, "extra_inputs.per_example_max_decode_steps")
     ids = tokenizer.encode(request.query)
     if not ids:
         raise InvalidRequest("query encodes to no tokens", "query")

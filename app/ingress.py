@@ -8,13 +8,23 @@ HTTP routes:
     GET  /healthz          liveness: this process answers
     GET  /readyz           readiness: a model replica has loaded and warmed up (503 until then)
     GET  /v1/stats         the batcher's and every replica's counters (prefill batches, slots, ...)
+    GET  /openapi.json     this API's OpenAPI document (and /docs, its Swagger UI)
+
+API key. With `args.api_key_env` set, the ingress reads the key from that environment variable when
+it starts (and refuses to start without one), and the model routes and /v1/stats answer 401 unless
+the request carries `Authorization: Bearer <key>`. /healthz, /readyz, /openapi.json and /docs stay
+open: probes and load balancers carry no key, and they reveal nothing but the API's shape. Python
+handle calls need no key: they come from inside the Ray cluster, which has its own authentication.
 
 Handle API (`serve.get_app_handle("gptj")`, from any Ray app or driver): `generate(request)` returns a
 `CompletionResponse`; `generate_stream(request)` (call it with `.options(stream=True)`) yields
 `CompletionChunk`s. Both take a `CompletionRequest` (or the same fields as a dict) and raise
-`InvalidRequest` or `Overloaded` (app.protocol) where HTTP would answer 4xx or 503.
+`InvalidRequest` where HTTP would answer 4xx, and `Unavailable` where it would answer 503, meaning the
+request may be sent again (`Overloaded` when the server is at capacity; otherwise a deployment on the
+path failed).
 
-A request's life here: parse (413 over `max_request_bytes`, 422 naming the field for a bad body),
+A request's life here: check the API key (401), parse (413 over `max_request_bytes`, 422 naming the
+field for a bad body; JSON is parsed strictly: "10" is not an integer, "yes" is not a boolean),
 check the model name, tokenise and check every prompt against the replica's limits (400 naming the
 field), then one streaming call to the batcher per choice. The response starts only when every choice
 has its first chunk, so a refusal (503 with Retry-After) or a rejection is still an HTTP status, never
@@ -26,22 +36,29 @@ No `from __future__ import annotations` here: FastAPI must see the route paramet
 """
 
 import asyncio
+import copy
+import functools
+import hmac
 import json
+import os
 import time
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.args import AppArgs
 from app.completions import CompletionAssembler, plan_completion, plan_saxml
 from app.metrics import IngressMetrics
-from app.protocol import Chunk, EngineRequest, InvalidRequest, ModelInfo, NotReady, Overloaded, ServeError
+from app.protocol import (Chunk, EngineRequest, InvalidRequest, ModelInfo, NotReady, Overloaded, ServeError,
+                          Unauthorized, Unavailable, describe)
 from app.schemas import (
     CompletionChunk,
     CompletionRequest,
@@ -57,29 +74,88 @@ from model.tokenizer import Tokenizer
 
 READY_TIMEOUT_S = 5.0
 
-api = FastAPI(title="GPT-J on Ray Serve", description="OpenAI completions and Saxml /generate for GPT-J.")
+# The OpenAPI document depends on the deployment's args (the model's name, whether a key is required),
+# so the ingress serves it from its own routes rather than FastAPI's.
+api = FastAPI(title="GPT-J on Ray Serve", description="OpenAI completions and Saxml /generate for GPT-J.",
+              openapi_url=None, docs_url=None, redoc_url=None)
 PARSED_BODIES = {"/v1/completions": CompletionRequest, "/generate": SaxmlGenerateRequest}
+PROTECTED = {"/v1/completions": "post", "/generate": "post", "/v1/models": "get", "/v1/stats": "get"}
 
 
-def openapi() -> dict:
-    """FastAPI's OpenAPI document plus the request bodies that the routes parse themselves (so that
-    they can answer 413 before reading a huge body, and shape 422s their own way)."""
-    if api.openapi_schema is None:
-        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in PARSED_BODIES.items():
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
-            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-            schema["paths"][path]["post"]["requestBody"] = {
-                "required": True, "content": {"application/json": {"schema": ref}}
-            }
-        api.openapi_schema = schema
-    return api.openapi_schema
+def _error(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
 
 
-api.openapi = openapi
+ERRORS = {
+    400: _error("The request cannot be served as asked (not JSON, an unknown model, a prompt the model cannot "
+                "take, a limit exceeded); `error.param` names the field."),
+    413: _error("The body is larger than the server's max_request_bytes."),
+    422: _error("A field has the wrong type or value; `error.param` names it."),
+    500: _error("The generation failed on the server."),
+    503: {**_error("Not served now: the server is at capacity, or a deployment on the request's path failed. "
+                   "Safe to retry after Retry-After seconds. (When even the queue in front of the ingress is "
+                   "full, Serve answers this itself, in plain text.)"),
+          "headers": {"Retry-After": {"description": "seconds to wait before retrying",
+                                      "schema": {"type": "integer", "minimum": 1}}},
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+# One server-sent event of a streamed completion (`itemSchema`: the schema of each event, as FastAPI
+# documents its own event streams).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a CompletionResponse chunk as JSON, an ErrorResponse as JSON if the "
+                                              "generation fails after the stream began, or [DONE] at the end"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer", "minimum": 0},
+}}
+UNAUTHORIZED = {"description": "No valid API key: send `Authorization: Bearer <key>`.",
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+@functools.cache
+def _base_openapi() -> dict:
+    """FastAPI's OpenAPI document for the routes, plus the request bodies that the routes parse
+    themselves (so that they can answer 413 before reading a huge body, and shape 422s their own way)."""
+    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in PARSED_BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": ref}}
+        }
+    return schema
+
+
+def openapi_document(args: AppArgs) -> dict:
+    """The OpenAPI document of an ingress deployed with `args`: the one model name it accepts, and the
+    bearer scheme (with its 401s) on the protected routes when it requires a key."""
+    schema = copy.deepcopy(_base_openapi())
+    components = schema["components"]
+    for model in PARSED_BODIES.values():
+        components["schemas"][model.__name__]["properties"]["model"]["enum"] = [args.model_name]
+    if args.api_key_env is not None:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, method in PROTECTED.items():
+            operation = schema["paths"][path][method]
+            operation["security"] = [{"bearer": []}]
+            operation["responses"]["401"] = UNAUTHORIZED
+    return schema
+
+
+def read_api_key(env_name: str | None) -> str | None:
+    """The key clients must send, from the environment variable `env_name` (None: no key required).
+    Raises when the variable is unset or blank: a server told to require a key never starts without one."""
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name)
+    if key is None:
+        raise RuntimeError(f"api_key_env={env_name!r}, but the environment variable {env_name} is not set (on GKE: "
+                           "the gptj-api-key Secret, docs/GKE.md); set it, or leave api_key_env unset")
+    if not key.strip():
+        raise RuntimeError(f"api_key_env={env_name!r}, but the environment variable {env_name} is empty")
+    return key.strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,19 +172,25 @@ def as_serve_error(e: BaseException) -> ServeError:
         return e
     if isinstance(e, BackPressureError):
         return Overloaded(f"the server is at capacity ({e}); retry later", e.retry_after_s or 1.0)
-    return ServeError(f"internal error: {type(e).__name__}: {e}")
+    if isinstance(e, RayActorError):  # the batcher replica serving the request died
+        return Unavailable(f"the batcher serving this request failed ({describe(e)}); retry", 1.0)
+    return ServeError(f"internal error: {describe(e)}")
 
 
 def error_body(e: ServeError) -> dict:
     kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+    if e.status_code == 401:
+        kind = "authentication_error"
     detail = ErrorDetail(message=e.message, type=kind, param=getattr(e, "param", None), code=e.status_code)
     return ErrorResponse(error=detail).model_dump(mode="json")
 
 
 def error_response(e: ServeError) -> JSONResponse:
     headers = {}
-    if isinstance(e, Overloaded):
+    if isinstance(e, Unavailable):
         headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
+    if isinstance(e, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(e), status_code=e.status_code, headers=headers)
 
 
@@ -119,7 +201,7 @@ async def _on_serve_error(_request: Request, e: ServeError) -> JSONResponse:
 
 def chunk_error(chunk: Chunk, retry_after_s: float) -> ServeError:
     if chunk.error_status == 503:
-        return Overloaded(chunk.error or "overloaded", retry_after_s)
+        return Unavailable(chunk.error or "unavailable", retry_after_s)
     if chunk.error_status < 500:
         return InvalidRequest(chunk.error or "rejected", "prompt", chunk.error_status)
     return ServeError(chunk.error or "generation failed")
@@ -139,9 +221,10 @@ async def read_body(http: Request, limit: int) -> bytes:
 
 
 def parse(model: type[BaseModel], body: bytes | dict | BaseModel):
-    """Validate a JSON body (HTTP) or a dict / model (handles); 422 naming the fields, 400 for bad JSON."""
+    """Validate a JSON body (HTTP, strictly: no "10" for an integer) or a dict / model (handles);
+    422 naming the fields, 400 for bad JSON."""
     try:
-        return model.model_validate_json(body) if isinstance(body, bytes) else model.model_validate(body)
+        return model.model_validate_json(body, strict=True) if isinstance(body, bytes) else model.model_validate(body)
     except ValidationError as e:
         errors = e.errors(include_url=False)
         if errors[0]["type"] == "json_invalid":
@@ -200,11 +283,13 @@ class Ingress:
         self._info: ModelInfo | None = None
         self._started = int(time.time())
         self._metrics = IngressMetrics()
+        self._api_key = read_api_key(args.api_key_env)
+        self._openapi = openapi_document(args)
 
     # -- the Python handle API ------------------------------------------------------------------
 
     async def generate(self, request: CompletionRequest | dict) -> CompletionResponse:
-        """Complete `request` (a CompletionRequest, `stream` ignored); raises InvalidRequest / Overloaded."""
+        """Complete `request` (a CompletionRequest, `stream` ignored); raises InvalidRequest / Unavailable."""
         request = parse(CompletionRequest, request)
         assembler, chunks = await self._start_completion(request, time.perf_counter(), "handle")
         async for chunk in chunks:
@@ -227,9 +312,14 @@ class Ingress:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
-    @api.post("/v1/completions", response_model=CompletionResponse)
+    @api.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, 200: {
+        "description": "The completion; with `stream: true`, server-sent events: one completion chunk per event, "
+                       "then `data: [DONE]`",
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
+    }})
     async def completions(self, http: Request):
         arrived = time.perf_counter()
+        self._authorize(http)
         request = parse(CompletionRequest, await read_body(http, self._args.max_request_bytes))
         assembler, chunks = await self._start_completion(request, arrived, "completions")
         if not request.stream:
@@ -240,15 +330,18 @@ class Ingress:
         return StreamingResponse(self._sse(assembler, chunks, include_usage), media_type="text/event-stream")
 
     @api.get("/v1/models", response_model=ModelList)
-    async def models(self) -> ModelList:
+    async def models(self, http: Request) -> ModelList:
+        self._authorize(http)
         return ModelList(data=[ModelCard(id=self._args.model_name, created=self._started)])
 
-    @api.post("/generate", response_model=SaxmlGenerateResponse)
+    @api.post("/generate", response_model=SaxmlGenerateResponse, responses=ERRORS)
     async def saxml_generate(self, http: Request):
         arrived = time.perf_counter()
+        self._authorize(http)
         request = parse(SaxmlGenerateRequest, await read_body(http, self._args.max_request_bytes))
         self._check_model(request.model)
-        engine_request = plan_saxml(request, await self._model_info(), self._tokenizer, self._args.default_max_tokens)
+        engine_request = plan_saxml(request, await self._model_info(), self._tokenizer, self._args.default_max_tokens,
+                                    self._args.max_tokens_limit)
         self._metrics.prompt_tokens.inc(len(engine_request.prompt_ids), tags={"api": "saxml"})
         text, score = "", 0.0
         async for chunk in self._chunks([engine_request], _Timing(arrived, self._metrics, "saxml")):
@@ -260,7 +353,7 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "alive"}
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses={503: _error("No model replica has loaded and warmed up yet.")})
     async def readyz(self):
         try:
             info = await asyncio.wait_for(self._batcher.info.remote(), READY_TIMEOUT_S)
@@ -270,10 +363,29 @@ class Ingress:
         return {"status": "ready", "model": self._args.model_name}
 
     @api.get("/v1/stats")
-    async def http_stats(self) -> dict:
+    async def http_stats(self, http: Request) -> dict:
+        self._authorize(http)
         return await self.stats()
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self) -> JSONResponse:
+        return JSONResponse(self._openapi)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, http: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=f"{http.scope.get('root_path', '')}/openapi.json", title=api.title)
+
     # -- the shared path ---------------------------------------------------------------------------
+
+    def _authorize(self, http: Request) -> None:
+        """401 unless the request carries the API key (when one is required); before the body is read."""
+        if self._api_key is None:
+            return
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing API key: send it as 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip().encode(), self._api_key.encode()):
+            raise Unauthorized("invalid API key: send this server's key as 'Authorization: Bearer <key>'")
 
     def _check_model(self, model: str) -> None:
         if model != self._args.model_name:
@@ -293,7 +405,7 @@ class Ingress:
         self._check_model(request.model)
         plan = plan_completion(
             request, await self._model_info(), self._tokenizer, self._args.default_max_tokens, self._args.max_n,
-            self._args.max_pending_requests,
+            self._args.max_pending_requests, self._args.max_tokens_limit,
         )
         self._metrics.prompt_tokens.inc(sum(len(p) for p in plan.prompts), tags={"api": api_name})
         chunks = self._chunks(plan.requests, _Timing(arrived, self._metrics, api_name))

@@ -81,8 +81,9 @@ class InvalidRequest(ServeError):
         self.status_code = status_code
 
 
-class Overloaded(ServeError):
-    """Too many requests in flight: try again after `retry_after_s` (HTTP 503 with Retry-After)."""
+class Unavailable(ServeError):
+    """Not served now, safe to send again after `retry_after_s` (HTTP 503 with Retry-After): a
+    deployment on the request's path died, or the server is at capacity."""
 
     status_code = 503
 
@@ -91,7 +92,27 @@ class Overloaded(ServeError):
         self.retry_after_s = retry_after_s
 
 
+class Overloaded(Unavailable):
+    """Too many requests in flight: try again after `retry_after_s`."""
+
+
+class Unauthorized(ServeError):
+    """The HTTP request lacks the API key the server requires (HTTP 401, WWW-Authenticate: Bearer)."""
+
+    status_code = 401
+
+
 class NotReady(ServeError):
     """No model replica has finished loading and warming up yet."""
 
     status_code = 503
+
+
+def describe(e: BaseException) -> str:
+    """`Type: message` of a failure, one line, for clients and logs. Ray re-raises a deployment's
+    exception as a RayTaskError whose `cause` is the original, and puts actor details on later lines."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -19,10 +19,14 @@ Cancellation. If the batcher cancels the stream (every client of the batch went 
 is closed and cancels its unfinished requests in the driver; their slots are free at the next step.
 When only some clients of a batch leave, the batcher broadcasts `cancel(request_id)` to all replicas;
 a replica that does not hold the request yet remembers the id, so a cancel that overtakes its batch
-still stops it.
+still stops it. If the batcher itself dies, Ray does not stop the generators it was reading, and
+their requests would hold slots until max_tokens: each batch call names its batcher, and every
+CALLER_CHECK_PERIOD_S the replica cancels the requests of batchers that are gone.
 
 Health. `check_health` raises if the driver loop died, or made no step for `stall_timeout_s` while
-it had work (a wedged device); Serve restarts the replica after three failures.
+it had work (a wedged device); Serve restarts the replica after three failures. A stall also fails
+the requests the loop holds, at once: Serve stops an unhealthy replica gracefully, which would leave
+their clients waiting for graceful_shutdown_timeout_s.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ logger = logging.getLogger("ray.serve")
 
 EARLY_CANCELS_KEPT = 4096  # ids of cancels that arrived before their request; oldest forgotten first
 GAUGE_PERIOD_S = 1.0
+CALLER_CHECK_PERIOD_S = 2.0
 
 
 def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | None = None) -> "Driver":
@@ -91,6 +96,17 @@ def fit_prompt_buckets(buckets: tuple[int, ...], cache_len: int) -> tuple[int, .
     checkpoint should still serve with the default buckets."""
     fitting = tuple(b for b in buckets if b <= cache_len)
     return fitting if len(fitting) == len(buckets) else fitting + (cache_len,)
+
+
+def _actor_alive(name: str) -> bool:
+    """Whether the named Serve replica actor (a batcher) still exists: one GCS lookup."""
+    import ray
+
+    try:
+        ray.get_actor(name, namespace="serve")
+    except ValueError:
+        return False
+    return True
 
 
 class _OutputBridge:
@@ -180,17 +196,20 @@ class Replica:
     async def __init__(self, args: AppArgs):
         self._args = args
         self._open: set[str] = set()  # request ids this replica is generating
+        self._by_caller: dict[str, set[str]] = {}  # batcher replica (actor name) -> its open request ids
         self._early_cancels: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancelled_slots = 0  # requests the driver stopped because we cancelled them
         self._metrics = ReplicaMetrics()
         self._driver = await asyncio.to_thread(load_driver, args, self._on_prefill)
         self._driver.start()
         self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
+        self._orphan_reaper = asyncio.get_running_loop().create_task(self._cancel_orphans())
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def generate(self, batch: list[EngineRequest]) -> AsyncIterator[list[Chunk]]:
-        """Generate a prefill batch; yields lists of chunks until every request in it has finished."""
+    async def generate(self, batch: list[EngineRequest], caller: str | None = None) -> AsyncIterator[list[Chunk]]:
+        """Generate a prefill batch; yields lists of chunks until every request in it has finished.
+        `caller` is the calling batcher's actor name (its requests are cancelled if it dies)."""
         from model.driver import Request
         from model.engine import RequestRejected
 
@@ -216,9 +235,17 @@ class Replica:
                 rejected.append(Chunk(r.request_id, finish_reason="error", error=str(e), error_status=400))
                 continue
             items.append((request, deliver))
-        self._driver.submit_many(items)
+        try:
+            self._driver.submit_many(items)
+        except RuntimeError as e:  # the engine loop has failed: Serve is about to replace this replica
+            unavailable = f"model replica unavailable ({e}); retry"
+            yield rejected + [Chunk(request.request_id, finish_reason="error", error=unavailable, error_status=503)
+                              for request, _ in items]
+            return
         open_ids = {request.request_id for request, _ in items}
         self._open |= open_ids
+        if caller is not None:
+            self._by_caller.setdefault(caller, set()).update(open_ids)
         buffer = _ChunkBuffer(self._args.stream_chunk_tokens, self._args.stream_chunk_ms / 1000)
         try:
             if rejected:
@@ -237,6 +264,10 @@ class Replica:
             for request_id in open_ids:  # the batcher went away: free the slots
                 self._driver.cancel(request_id)
             self._open -= {request.request_id for request, _ in items}
+            if self._by_caller.get(caller):
+                self._by_caller[caller] -= {request.request_id for request, _ in items}
+                if not self._by_caller[caller]:
+                    del self._by_caller[caller]
 
     def cancel(self, request_id: str) -> None:
         """Stop one request (broadcast by the batcher when its client left); unknown ids are remembered."""
@@ -275,9 +306,13 @@ class Replica:
             raise RuntimeError(f"engine loop failed: {type(driver.error).__name__}: {driver.error}")
         idle = time.monotonic() - driver.last_step_at
         if idle > self._args.stall_timeout_s:
-            raise RuntimeError(
+            stalled = RuntimeError(
                 f"engine loop made no step for {idle:.0f}s (stall_timeout_s={self._args.stall_timeout_s})"
             )
+            # End what the wedged loop holds now: Serve stops an unhealthy replica gracefully, so its
+            # requests would otherwise hang for graceful_shutdown_timeout_s before failing.
+            driver.fail_all(stalled)
+            raise stalled
 
     # -- metrics ----------------------------------------------------------------------------------
 
@@ -285,6 +320,18 @@ class Replica:
         self._metrics.prefill_batch_size.observe(len(waited_s), tags={"bucket": str(bucket)})
         for w in waited_s:
             self._metrics.queue_time.observe(w)
+
+    async def _cancel_orphans(self) -> None:
+        """Cancel the requests of batchers that died (see the module docstring, Cancellation)."""
+        while True:
+            await asyncio.sleep(CALLER_CHECK_PERIOD_S)
+            for caller in list(self._by_caller):
+                if await asyncio.to_thread(_actor_alive, caller):
+                    continue
+                orphans = self._by_caller.pop(caller, set())
+                logger.warning(f"{caller} is gone: cancelling the {len(orphans)} requests it left here")
+                for request_id in orphans:
+                    self._driver.cancel(request_id)
 
     async def _update_gauges(self) -> None:
         slots = self._driver.engine.max_concurrent_decodes

@@ -24,6 +24,24 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 
 PromptInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 INT32_MAX = 2**31 - 1  # the engine holds top_k and seeds as int32
+MAX_TEMPERATURE = 2.0  # OpenAI's range; the engine divides by it in float32
+# JSON schema for what the field validators below enforce (the published OpenAPI document must
+# refuse what the server refuses): non-empty prompts, at most 4 non-empty stop strings.
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _IDS,
+                           {"type": "array", "items": _IDS, "minItems": 1}]}
+STOP_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": 4}, {"type": "null"}]}
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse a str that is not valid Unicode (a lone surrogate): JSON cannot carry one, but a
+    Python handle caller can, and the tokenizer would fail on it. (A constrained str field, like
+    Saxml's `query`, gets this check from pydantic itself.)"""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode ({e.reason} at index {e.start})") from None
 
 
 def _omit_none(value) -> bool:
@@ -47,13 +65,13 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", revalidate_instances="always")
 
     model: str
-    prompt: PromptInput
+    prompt: PromptInput = Field(json_schema_extra=PROMPT_SCHEMA)
     max_tokens: int | None = Field(None, ge=1, description="default: the app's default_max_tokens")
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=0, le=INT32_MAX, description="0 = off (an extra field, not in OpenAI's API)")
     n: int = Field(1, ge=1, description="completions per prompt")
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StrictStr | list[StrictStr] | None = Field(None, json_schema_extra=STOP_SCHEMA)
     seed: int | None = Field(None, ge=0, le=INT32_MAX, description="choice i of n uses (seed + i) mod 2**31")
     logprobs: int | None = Field(None, ge=0, le=5, description="return chosen-token logprobs")
     echo: bool = False
@@ -78,6 +96,9 @@ class CompletionRequest(BaseModel):
             prompts = prompt
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompt must not be empty (nor contain an empty prompt)")
+        for p in prompts:
+            if isinstance(p, str):
+                _check_text(p, "prompt")
         return prompt
 
     @field_validator("stop")
@@ -88,6 +109,8 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        for text in stops:
+            _check_text(text, "stop")
         return stop
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -173,10 +196,10 @@ class ModelList(BaseModel):
 class SaxmlExtraInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy")
     per_example_max_decode_steps: int | None = Field(None, ge=1, description="default: default_max_tokens")
     per_example_top_k: int = Field(0, ge=0, le=INT32_MAX, description="0 = off")
-    per_example_top_p: float = Field(1.0, gt=0, le=1)
+    per_example_top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
 
 
 class SaxmlGenerateRequest(BaseModel):

@@ -37,6 +37,7 @@ from model.sampling import SamplingParams
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _seed_source = random.SystemRandom()
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling settings travel to the device as float32
 
 
 @dataclasses.dataclass
@@ -138,6 +139,8 @@ class Driver:
             )
         if not r.temperature >= 0:  # also catches NaN
             raise RequestRejected(f"temperature must be >= 0, got {r.temperature}")
+        if r.temperature > _FLOAT32_MAX:  # inf in float32: the sampler would divide the logits into NaNs
+            raise RequestRejected(f"temperature must be at most {_FLOAT32_MAX:.3g} (float32), got {r.temperature}")
         if not 0 < r.top_p <= 1:
             raise RequestRejected(f"top_p must be in (0, 1], got {r.top_p}")
         if not 0 <= r.top_k < 2**31:

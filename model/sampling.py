@@ -7,6 +7,12 @@ seeded request draws the same tokens whatever its neighbours in the batch are do
 Log-probabilities are those of the model itself: log-softmax of the raw logits over the real
 vocabulary (the first `real_vocab` entries), whatever the sampling settings. Padding rows of the
 vocabulary (50257..50399 for GPT-J) are never sampled.
+
+Extreme temperatures stay well defined: the logits are shifted so that each row's largest is 0
+before scaling (no +inf from a tiny temperature), the temperature is clipped to
+[MIN_TEMPERATURE, MAX_TEMPERATURE] (outside it the distribution is already one-hot or uniform to
+float32 precision, and a subnormal reciprocal would turn the padding rows' -inf into NaN), and the
+padding rows are masked again after scaling.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+MIN_TEMPERATURE = 1e-6
+MAX_TEMPERATURE = 1e6
 
 
 @flax.struct.dataclass
@@ -61,12 +70,15 @@ def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -
 def sample(logits: jax.Array, params: SamplingParams, step: jax.Array, real_vocab: int) -> tuple[jax.Array, jax.Array]:
     """Pick one token per row. logits [B, V] float32, step [B] int32 -> (tokens [B], logprobs [B])."""
     vocab = logits.shape[-1]
-    logits = jnp.where(jnp.arange(vocab)[None, :] < real_vocab, logits, -jnp.inf)
+    real = jnp.arange(vocab)[None, :] < real_vocab
+    logits = jnp.where(real, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled(logits):
-        temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
-        scaled = logits / temperature[:, None]
+        temperature = jnp.clip(jnp.where(params.temperature > 0, params.temperature, 1.0), MIN_TEMPERATURE,
+                               MAX_TEMPERATURE)
+        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)  # softmax-invariant; the top entry is 0
+        scaled = jnp.where(real, shifted / temperature[:, None], -jnp.inf)
         needs_filter = jnp.any(((params.top_k > 0) & (params.top_k < real_vocab)) | (params.top_p < 1.0))
         # The sort behind top-k / top-p runs only when some row asks for either.
         scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, params.top_k, params.top_p)

@@ -50,10 +50,11 @@ FAKE_HEAD_TYPE = "ray.head.default"  # the fake provider's fixed name for the he
 ACCELERATOR_RESOURCE = "accelerator_type:TPU-V5LITEPOD"
 MAX_REPLICAS = 3  # the GKE group allows 4; 3 keeps the run inside CI's time on 2 cores
 
-# The gke-tpu app args, scaled to the tiny model on CPU (tpu_chips stays 4).
+# The gke-tpu app args, scaled to the tiny model on CPU (tpu_chips stays 4), without the API key
+# (None deletes it in the merge; tests/reliability/test_security.py covers the key).
 SIM_ARGS = {"checkpoint": "tiny", "dtype": "float32", "quantize": "none", "mesh": 1, "prompt_buckets": [16],
             "prefill_batch_buckets": [1], "slots": 2, "max_cache_len": 64, "batch_max_size": 1,
-            "batch_wait_ms": 0, "max_pending_requests": 64}
+            "batch_wait_ms": 0, "max_pending_requests": 64, "api_key_env": None}
 # One request per batch call, so a Replica's ongoing requests are the requests it holds.
 SIM_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": MAX_REPLICAS,
                    "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,

@@ -212,6 +212,7 @@ def test_cancel_frees_the_slot_at_the_next_step(engine, tokenizer):
     (dict(prompt_ids=[1], max_tokens=0), "max_tokens must be a positive integer"),
     (dict(prompt_ids=[1], max_tokens=4, temperature=-0.5), "temperature must be >= 0"),
     (dict(prompt_ids=[1], max_tokens=4, temperature=float("nan")), "temperature must be >= 0"),
+    (dict(prompt_ids=[1], max_tokens=4, temperature=1e308), r"temperature must be at most 3.4e\+38 \(float32\)"),
     (dict(prompt_ids=[1], max_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(prompt_ids=[1], max_tokens=4, top_k=-1), r"top_k must be in \[0, 2\*\*31\)"),
     (dict(prompt_ids=[1], max_tokens=4, top_k=2**40), r"top_k must be in \[0, 2\*\*31\)"),
@@ -232,10 +233,14 @@ def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
     loaded = checkpoint.load("tiny", progress=False)
     bias = loaded.weights.lm_head_bias.at[cfg.real_vocab_size :].set(1e4)
     weights = loaded.weights.replace(lm_head_bias=bias)
-    engine = Engine(weights, cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(2,), slots=2, max_cache_len=32))
+    engine = Engine(weights, cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(2,), slots=4, max_cache_len=32))
+    # Extreme temperatures included: a tiny one once overflowed the scaled logits, a huge one
+    # (a subnormal reciprocal) turned the padding rows' -inf into NaN, which argmax picked.
     results = Driver(engine, tokenizer).generate([
         Request([1, 2], 10), Request([3, 4], 10, temperature=5.0, seed=1),
+        Request([1, 2], 10, temperature=1e-45, seed=2), Request([3, 4], 10, temperature=3e38, seed=3),
     ])
+    assert results[2].token_ids == results[0].token_ids  # a vanishing temperature is greedy
     for r in results:
         assert len(r.token_ids) == 10
         assert all(t < cfg.real_vocab_size for t in r.token_ids)
