@@ -63,6 +63,15 @@ def quantize_last(x: jax.Array) -> QuantArray:
     return QuantArray(values=values, scale=scale)
 
 
+def merge_leading(w, n: int):
+    """w (an array or a QuantArray) with its first `n` axes merged into one. For a QuantArray these
+    must be contracted axes (the scale is unchanged). Free in a row-major layout, and it pins that
+    layout: see transformer.block, where XLA CPU otherwise transposed a weight on every step."""
+    if isinstance(w, QuantArray):
+        return QuantArray(values=merge_leading(w.values, n), scale=w.scale)
+    return w.reshape((-1,) + w.shape[n:])
+
+
 def _parse(spec: str) -> tuple[str, str, str]:
     inputs, out = spec.replace(" ", "").split("->")
     x, w = inputs.split(",")

@@ -154,7 +154,9 @@ def block(
     k_cache = write_kv(k_cache, k.transpose(0, 2, 1, 3), cache_index)  # [B, N, S, H]
     v_cache = write_kv(v_cache, v.transpose(0, 2, 1, 3), cache_index)
     attn = layers.attention(q, k_cache, v_cache, allowed)  # [B, T, N, H]
-    attn_out = quant.einsum("BTNH,NHD->BTD", attn, w.out)
+    # Contract (N, H) as one flat axis: given "BTNH,NHD->BTD", XLA CPU copied a transposed out
+    # weight on every decode step.
+    attn_out = quant.einsum("BTK,KD->BTD", attn.reshape(*attn.shape[:2], -1), quant.merge_leading(w.out, 2))
     mlp_out = layers.mlp(h, w.fc_in, w.fc_in_bias, w.fc_out, w.fc_out_bias)
     return x + attn_out + mlp_out, k_cache, v_cache
 
