@@ -8,8 +8,11 @@ in one piece, so it is prefilled as one batch. Decoding is continuous inside the
 joins the running slots without waiting for them, and its requests leave one by one as they finish.
 
 Admission control. The batcher holds at most `max_pending_requests` requests (forming a batch,
-waiting for a slot, or decoding). Beyond that a request is refused at once with `Overloaded`
-(HTTP 503 with Retry-After): there is no unbounded queue anywhere on the path.
+waiting for a slot, or decoding). Beyond that a request is refused at once: its stream is a single
+error chunk marked `overloaded`, which the ingress turns into `Overloaded` (HTTP 503 with
+Retry-After). A chunk, not an exception: Serve logs every exception raised across a deployment
+boundary with its traceback, which under overload meant hundreds of tracebacks a second, written
+when the CPU is scarcest. There is no unbounded queue anywhere on the path.
 
 Relay. A batch's call to the replica streams lists of chunks, each list covering every request of the
 batch that advanced; the batcher routes each chunk to its request's queue, and each request's stream
@@ -44,7 +47,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.args import AppArgs
 from app.metrics import BatcherMetrics
-from app.protocol import Chunk, EngineRequest, ModelInfo, Overloaded, describe
+from app.protocol import Chunk, EngineRequest, ModelInfo, describe
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,15 +87,15 @@ class Batcher:
         self._metrics = BatcherMetrics()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Chunk]:
-        """Stream one request's chunks; raises Overloaded when `max_pending_requests` are held already."""
+        """Stream one request's chunks; a single `overloaded` error chunk when `max_pending_requests`
+        are held already."""
         if self._held >= self._args.max_pending_requests:
             self._counts["rejected"] += 1
             self._metrics.rejected.inc()
-            raise Overloaded(
+            yield Chunk(request.request_id, finish_reason="error", error_status=503, overloaded=True, error=(
                 f"the server holds {self._held} requests (max_pending_requests={self._args.max_pending_requests}); "
-                "retry later",
-                self._args.retry_after_s,
-            )
+                "retry later"))
+            return
         pending = _Pending(request)
         self._held += 1
         self._metrics.pending.set(self._held)

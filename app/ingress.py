@@ -201,7 +201,8 @@ async def _on_serve_error(_request: Request, e: ServeError) -> JSONResponse:
 
 def chunk_error(chunk: Chunk, retry_after_s: float) -> ServeError:
     if chunk.error_status == 503:
-        return Unavailable(chunk.error or "unavailable", retry_after_s)
+        kind = Overloaded if chunk.overloaded else Unavailable
+        return kind(chunk.error or "unavailable", retry_after_s)
     if chunk.error_status < 500:
         return InvalidRequest(chunk.error or "rejected", "prompt", chunk.error_status)
     return ServeError(chunk.error or "generation failed")
@@ -340,8 +341,8 @@ class Ingress:
         self._authorize(http)
         request = parse(SaxmlGenerateRequest, await read_body(http, self._args.max_request_bytes))
         self._check_model(request.model)
-        engine_request = plan_saxml(request, await self._model_info(), self._tokenizer, self._args.default_max_tokens,
-                                    self._args.max_tokens_limit)
+        engine_request = await asyncio.to_thread(plan_saxml, request, await self._model_info(), self._tokenizer,
+                                                 self._args.default_max_tokens, self._args.max_tokens_limit)
         self._metrics.prompt_tokens.inc(len(engine_request.prompt_ids), tags={"api": "saxml"})
         text, score = "", 0.0
         async for chunk in self._chunks([engine_request], _Timing(arrived, self._metrics, "saxml")):
@@ -403,9 +404,11 @@ class Ingress:
         self, request: CompletionRequest, arrived: float, api_name: str
     ) -> tuple[CompletionAssembler, AsyncIterator[Chunk]]:
         self._check_model(request.model)
-        plan = plan_completion(
-            request, await self._model_info(), self._tokenizer, self._args.default_max_tokens, self._args.max_n,
-            self._args.max_pending_requests, self._args.max_tokens_limit,
+        # Tokenising runs on a worker thread (the tokenizer releases the GIL): a prompt of up to
+        # max_request_bytes takes up to a second, and the event loop is relaying every other stream.
+        plan = await asyncio.to_thread(
+            plan_completion, request, await self._model_info(), self._tokenizer, self._args.default_max_tokens,
+            self._args.max_n, self._args.max_pending_requests, self._args.max_tokens_limit,
         )
         self._metrics.prompt_tokens.inc(sum(len(p) for p in plan.prompts), tags={"api": api_name})
         chunks = self._chunks(plan.requests, _Timing(arrived, self._metrics, api_name))

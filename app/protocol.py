@@ -47,6 +47,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" | "error", on a request's last chunk
     error: str | None = None
     error_status: int = 500  # the HTTP status for `error` (400: the engine rejected the request)
+    overloaded: bool = False  # with 503: refused because the server is at capacity (not a failure)
 
     @property
     def finished(self) -> bool:

@@ -79,7 +79,9 @@ class Tokenizer:
         return len(self._token_bytes)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch, unlike encode, releases the GIL while it works, so a server can tokenise a
+        # long prompt on a worker thread without stalling its event loop (0.6 s for 1 MiB of text).
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < len(self._token_bytes):

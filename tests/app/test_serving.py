@@ -8,7 +8,7 @@ import httpx
 import pytest
 from ray import serve
 
-from app.protocol import InvalidRequest
+from app.protocol import InvalidRequest, Overloaded
 from app.schemas import CompletionRequest
 from tests.cluster import APP_NAME, MODEL_NAME
 
@@ -51,11 +51,26 @@ def test_concurrent_requests_share_prefill_batches(serve_app):
 
 
 def test_overload_answers_503_with_retry_after(serve_app):
-    """Past max_pending_requests the batcher refuses at once (503, Retry-After); the rest are served."""
+    """Past max_pending_requests the batcher refuses at once (503, Retry-After; `Overloaded` through
+    a Python handle); the rest are served."""
     wait_until_idle(serve_app.url)
     limit = serve_app.args.max_pending_requests
     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}
-    responses = asyncio.run(post_all(serve_app.url, [body] * (limit + limit // 2)))
+
+    async def load_and_a_handle_call() -> tuple[list[httpx.Response], BaseException | None]:
+        load = asyncio.ensure_future(post_all(serve_app.url, [body] * (limit + limit // 2)))
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(stats, serve_app.url))["batcher"]["held"] < limit:
+            assert time.monotonic() < deadline and not load.done(), "the batcher never filled up"
+            await asyncio.sleep(0.05)
+        try:
+            await serve.get_app_handle(APP_NAME).generate.remote(body)
+            refused = None
+        except Exception as e:  # noqa: BLE001  (checked below)
+            refused = e
+        return await load, refused
+
+    responses, refused = asyncio.run(load_and_a_handle_call())
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * limit + [503] * (limit // 2), statuses
     for r in responses:
@@ -64,6 +79,8 @@ def test_overload_answers_503_with_retry_after(serve_app):
             assert "max_pending_requests=8" in r.json()["error"]["message"]
         else:
             assert r.json()["usage"]["completion_tokens"] == 200
+    assert isinstance(refused, Overloaded), repr(refused)
+    assert "max_pending_requests=8" in str(refused) and refused.retry_after_s == serve_app.args.retry_after_s
     wait_until_idle(serve_app.url)
 
 

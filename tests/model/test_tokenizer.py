@@ -47,3 +47,22 @@ def test_checkpoint_tokenizer_files_win(tmp_path):
 def test_out_of_range_id_is_named(tok):
     with pytest.raises(ValueError, match="token id 60000 is outside the vocabulary"):
         tok.decode([60000])
+
+
+def test_encoding_a_long_prompt_lets_other_threads_run(tok):
+    """A server tokenises on a worker thread; the tokenizer must release the GIL meanwhile, or a
+    1 MiB prompt (about 0.6 s here) stalls the event loop that relays every other stream."""
+    import threading
+    import time
+
+    text = ("hello world, this is a prompt of some length. " * 23000)[: 1 << 20]
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.extend(tok.encode(text)))
+    ticks = 0
+    worker.start()
+    while worker.is_alive():
+        time.sleep(0.005)  # needs the GIL back to return
+        ticks += 1
+    worker.join()
+    assert result == tok._tok.encode(text, add_special_tokens=False).ids
+    assert ticks >= 10, f"the main thread woke {ticks} times while the prompt was encoded"
