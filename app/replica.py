@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 from ray import serve
 
 from app.args import AppArgs
+from app.autoscaling import HELD_REQUESTS
 from app.metrics import ReplicaMetrics
 from app.protocol import Chunk, EngineRequest, ModelInfo
 
@@ -286,6 +287,11 @@ class Replica:
             vocab_size=engine.cfg.real_vocab_size, max_total_length=engine.max_total_length,
             prompt_buckets=tuple(engine.config.prompt_buckets),
         )
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: the requests this replica holds (decoding or waiting
+        for a slot), which app.autoscaling scales on."""
+        return {HELD_REQUESTS: float(len(self._open))}
 
     def stats(self) -> dict:
         """The engine loop's counters (prefill batches and rows, decode steps, tokens) and state."""

@@ -53,9 +53,10 @@ MAX_REPLICAS = 3  # the GKE group allows 4; 3 keeps the run inside CI's time on 
 # The gke-tpu app args, scaled to the tiny model on CPU (tpu_chips stays 4), without the API key
 # (None deletes it in the merge; tests/reliability/test_security.py covers the key).
 SIM_ARGS = {"checkpoint": "tiny", "dtype": "float32", "quantize": "none", "mesh": 1, "prompt_buckets": [16],
-            "prefill_batch_buckets": [1], "slots": 2, "max_cache_len": 64, "batch_max_size": 1,
-            "batch_wait_ms": 0, "max_pending_requests": 64, "api_key_env": None}
-# One request per batch call, so a Replica's ongoing requests are the requests it holds.
+            "prefill_batch_buckets": [1, 2], "slots": 2, "max_cache_len": 64, "batch_max_size": 2,
+            "batch_wait_ms": 20, "max_pending_requests": 64, "api_key_env": None}
+# The GKE policy (app.autoscaling: requests held per replica, whatever their batching) with the
+# target at the slot count, as on GKE; delays in seconds.
 SIM_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": MAX_REPLICAS,
                    "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,
                    "look_back_period_s": 4}
@@ -264,8 +265,11 @@ def run() -> dict:
         load_stopped = sample("idle")["t"]
         replicas_down = until("idle", lambda c: c["replicas"] == 1, 90)
         nodes_down = until("idle", lambda c: c["replicas"] == 1 and c["tpu_nodes"] == 1, 90)
+        signals = policy_signals(tmp)
+    [replica] = [d for d in config.applications[0].deployments if d.name == "Replica"]
     return {
-        "worker_node_type": node_type["resources"], "replica_autoscaling": SIM_AUTOSCALING, "clients": CLIENTS,
+        "worker_node_type": node_type["resources"], "clients": CLIENTS,
+        "replica_autoscaling": replica.autoscaling_config, "policy_signals": signals,
         "deployed": {"t": deployed_at, "replicas": ready["replicas_running"], "tpu_nodes": ready["tpu_nodes"]},
         "peak": {"t": peak["t"], "after_load_s": round(peak["t"] - load_started, 1),
                  "replicas": max(s["replicas_running"] for s in timeline),
@@ -277,6 +281,18 @@ def run() -> dict:
         "wall_s": round(time.monotonic() - started, 1),
         "timeline": timeline,
     }
+
+
+def policy_signals(ray_temp_dir: Path) -> list[str]:
+    """The signals the Replica autoscaling policy switched to, in order, from the controller's log."""
+    from app.autoscaling import SIGNAL_LOG
+
+    signals = []
+    for log in sorted(ray_temp_dir.glob("session_*/logs/serve/controller_*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if SIGNAL_LOG in line:
+                signals.append(line.split(SIGNAL_LOG, 1)[1].split(" ", 1)[0])
+    return signals
 
 
 if __name__ == "__main__":

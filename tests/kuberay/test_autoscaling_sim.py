@@ -31,6 +31,9 @@ def test_load_adds_replicas_and_tpu_nodes_then_both_go_away(capsys):
     assert report["deployed"] == {"t": report["deployed"]["t"], "replicas": 1, "tpu_nodes": 1}
     assert report["peak"]["replicas"] == report["peak"]["tpu_nodes"] == sim.MAX_REPLICAS
     assert report["final"] == {"replicas": 1, "tpu_nodes": 1}
+    # Scaled on the replicas' held-request counts (app.autoscaling), not on Serve's count of calls.
+    assert report["replica_autoscaling"]["policy"]["policy_function"] == "app.autoscaling:held_requests_policy"
+    assert "held_requests" in report["policy_signals"], report["policy_signals"]
     assert report["requests_ok"] > 0 and report["request_error_count"] == 0, report["request_errors"]
     # Each replica needs a whole fake TPU host: never more replicas than hosts.
     for sample in report["timeline"]:
