@@ -61,8 +61,10 @@ class AppArgs(BaseModel):
         "<key>` (401 otherwise); None: no key. The config names the variable, never the key (on GKE a Secret "
         "sets it on the head pod, where the ingress runs)",
     )
-    stream_chunk_tokens: int = Field(4, ge=1, description="tokens relayed per streaming chunk between deployments")
-    stream_chunk_ms: float = Field(20.0, ge=0, description="or after this long, whichever comes first")
+    # 8 tokens / 50 ms: a stream still moves 20 times a second (a request's first and last tokens
+    # leave at once), and the relay does a fraction of the per-token work (docs/BENCHMARKS.md).
+    stream_chunk_tokens: int = Field(8, ge=1, description="tokens relayed per streaming chunk between deployments")
+    stream_chunk_ms: float = Field(50.0, ge=0, description="or after this long, whichever comes first")
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
