@@ -33,7 +33,7 @@ logger = logging.getLogger("ray.serve")
 def held_requests_policy(ctx) -> tuple[float, dict[str, Any]]:
     """Desired replica count (Serve rounds it and applies bounds and delays); `ctx` is Serve's
     AutoscalingContext."""
-    target = ctx.config.target_ongoing_requests
+    target = ctx.config.get_target_ongoing_requests()
     held = (ctx.aggregated_metrics or {}).get(HELD_REQUESTS, {})
     if ctx.current_num_replicas == 0 or not held:
         signal, load = SERVE_CALLS, ctx.total_num_requests  # nothing reported yet

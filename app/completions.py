@@ -123,7 +123,7 @@ def plan_saxml(
     check_prompt(ids, max_tokens, info, "query", "extra_inputs.per_example_max_decode_steps")
     return EngineRequest(
         request_id=uuid.uuid4().hex, prompt_ids=ids, max_tokens=max_tokens, temperature=extra.temperature,
-        top_k=extra.per_example_top_k, top_p=extra.per_example_top_p,
+        top_k=extra.per_example_top_k, top_p=extra.per_example_top_p, stop_at_eos=True,
     )
 
 

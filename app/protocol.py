@@ -20,20 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from model.request import Request
 
-@dataclasses.dataclass
-class EngineRequest:
-    """One generation: one prompt, one choice. Token ids are already checked against the model."""
 
-    request_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # None = a fresh random seed
-    stop: tuple[str, ...] = ()
-    stop_at_eos: bool = True
+# One generation: one prompt, one choice, token ids already checked against the model. It is the
+# driver's own request type (model.request imports neither JAX nor Ray), so the replica submits it
+# as it arrives.
+EngineRequest = Request
 
 
 @dataclasses.dataclass

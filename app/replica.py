@@ -211,7 +211,6 @@ class Replica:
     async def generate(self, batch: list[EngineRequest], caller: str | None = None) -> AsyncIterator[list[Chunk]]:
         """Generate a prefill batch; yields lists of chunks until every request in it has finished.
         `caller` is the calling batcher's actor name (its requests are cancelled if it dies)."""
-        from model.driver import Request
         from model.engine import RequestRejected
 
         bridge = _OutputBridge(asyncio.get_running_loop())
@@ -222,18 +221,14 @@ class Replica:
             bridge.put(out)
 
         rejected, items = [], []
-        for r in batch:
-            if r.request_id in self._early_cancels:  # its client left before the batch got here
-                del self._early_cancels[r.request_id]
+        for request in batch:
+            if request.request_id in self._early_cancels:  # its client left before the batch got here
+                del self._early_cancels[request.request_id]
                 continue
-            request = Request(
-                prompt_ids=r.prompt_ids, max_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k,
-                top_p=r.top_p, seed=r.seed, stop=r.stop, stop_at_eos=r.stop_at_eos, request_id=r.request_id,
-            )
             try:
                 self._driver.validate(request)
             except RequestRejected as e:
-                rejected.append(Chunk(r.request_id, finish_reason="error", error=str(e), error_status=400))
+                rejected.append(Chunk(request.request_id, finish_reason="error", error=str(e), error_status=400))
                 continue
             items.append((request, deliver))
         try:
@@ -243,10 +238,11 @@ class Replica:
             yield rejected + [Chunk(request.request_id, finish_reason="error", error=unavailable, error_status=503)
                               for request, _ in items]
             return
-        open_ids = {request.request_id for request, _ in items}
-        self._open |= open_ids
+        submitted = {request.request_id for request, _ in items}
+        open_ids = set(submitted)  # shrinks as requests finish
+        self._open |= submitted
         if caller is not None:
-            self._by_caller.setdefault(caller, set()).update(open_ids)
+            self._by_caller.setdefault(caller, set()).update(submitted)
         buffer = _ChunkBuffer(self._args.stream_chunk_tokens, self._args.stream_chunk_ms / 1000)
         try:
             if rejected:
@@ -264,9 +260,9 @@ class Replica:
         finally:
             for request_id in open_ids:  # the batcher went away: free the slots
                 self._driver.cancel(request_id)
-            self._open -= {request.request_id for request, _ in items}
+            self._open -= submitted
             if self._by_caller.get(caller):
-                self._by_caller[caller] -= {request.request_id for request, _ in items}
+                self._by_caller[caller] -= submitted
                 if not self._by_caller[caller]:
                     del self._by_caller[caller]
 

@@ -26,32 +26,18 @@ import dataclasses
 import random
 import threading
 import time
-import uuid
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from model.engine import Engine, RequestRejected
+from model.request import Request
 from model.sampling import SamplingParams
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _seed_source = random.SystemRandom()
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling settings travel to the device as float32
-
-
-@dataclasses.dataclass
-class Request:
-    prompt_ids: Sequence[int]
-    max_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # None = a fresh random seed
-    stop_token_ids: Sequence[int] = ()
-    stop: Sequence[str] = ()  # stop strings, matched on the detokenised text
-    stop_at_eos: bool = False
-    request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclasses.dataclass

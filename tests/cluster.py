@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 from app.args import AppArgs
+from bench.serve import free_port
 from model.config import GPTJConfig
 from tests.helpers import HFCheckpoint
 
@@ -45,12 +45,6 @@ class ServeApp:
     url: str
     args: AppArgs
     checkpoint: HFCheckpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster() -> str:

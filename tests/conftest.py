@@ -55,3 +55,12 @@ def serve_app(ray_cluster, app_checkpoint):
     args = cluster.shared_app_args(app_checkpoint)
     serve.run(build_app(args), name=cluster.APP_NAME, route_prefix="/")
     return cluster.ServeApp(ray_cluster, args, app_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    """An HTTP client for the shared application."""
+    import httpx
+
+    with httpx.Client(base_url=serve_app.url, timeout=60) as c:
+        yield c

@@ -14,12 +14,6 @@ from tests.cluster import MODEL_NAME, REPO_ROOT
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
-@pytest.fixture(scope="module")
-def client(serve_app):
-    with httpx.Client(base_url=serve_app.url, timeout=60) as c:
-        yield c
-
-
 def complete(client, **body) -> dict:
     r = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPT, **body})
     assert r.status_code == 200, r.text

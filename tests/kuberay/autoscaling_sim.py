@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from bench.serve import free_port
 from kuberay import render
 
 WORKER_GROUP = "tpu-v5e-2x2"
@@ -62,12 +62,6 @@ SIM_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": MAX
                    "look_back_period_s": 4}
 CLIENTS = 12
 PROMPT = {"model": "gpt-j-6b", "prompt": "The TPU v5e is", "max_tokens": 40, "temperature": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_node_types() -> tuple[dict, dict]:

@@ -93,12 +93,6 @@ HOSTILE = [
 
 
 @pytest.fixture(scope="module")
-def client(serve_app):
-    with httpx.Client(base_url=serve_app.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def before(serve_app) -> dict:
     """The shared app's state before any hostile input (its replica, its counters)."""
     return wait_until_idle(serve_app.url)
