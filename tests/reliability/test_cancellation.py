@@ -7,6 +7,11 @@ streams, every client disconnects at once. The replica's counters, read through 
 show every slot free and nothing waiting or held within a couple of decode steps of the disconnect,
 every request that reached the replica recorded as cancelled, and no tokens generated for them
 after that. Then it happens again, to show nothing leaks from one round to the next.
+
+Cancellations are counted over all rounds, not per round: a batch whose call the batcher cancelled
+while it was still on its way to the replica reaches the replica after the app looked idle, is
+submitted and is cancelled at once, so it is counted in the next round's window (seen in CI: 10
+cancellations in a round of 8 clients).
 """
 
 from __future__ import annotations
@@ -70,12 +75,19 @@ def test_disconnects_free_their_slots_at_the_next_step(lab_app):
             "tokens_generated": idle["tokens_out"] - start["tokens_out"],
         })
         assert at_close["active_slots"] == slots and measured["streaming"] == slots
-        # The cancel travels proxy -> ingress -> batcher -> replica in well under a 50 ms step.
-        assert steps_after_close <= 3, rounds[-1]
+        # The cancel travels proxy -> ingress -> batcher -> replica within a 50 ms step or two (the
+        # bound leaves room for a loaded CI machine; a leak would hold the slots for 200 steps).
+        assert steps_after_close <= 5, rounds[-1]
         assert measured["freed_s"] < 1.0, rounds[-1]
-        # Every request that reached the replica ended as cancelled (the rest never left the batcher).
-        assert slots <= rounds[-1]["cancelled"] <= CLIENTS
         assert rounds[-1]["tokens_generated"] < CLIENTS * MAX_TOKENS // 4
     after = wait_until_idle(lab_app.url)
+    # Every request that reached the replica ended as cancelled (the rest never left the batcher): at
+    # least the slots of each round, at most every client. The slot holders are counted just after
+    # their slots are freed, so the lower bound is awaited.
+    deadline = time.monotonic() + 5
+    while (cancelled := after["cancelled"] - before["cancelled"]) < slots * ROUNDS and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = stats(lab_app.url)
+    assert slots * ROUNDS <= cancelled <= CLIENTS * ROUNDS, rounds
     assert after["replica"] == before["replica"] and after["compilations_since_warmup"] == 0
-    figures("cancellation", step_s=STEP_S, max_tokens=MAX_TOKENS, slots=slots, rounds=rounds)
+    figures("cancellation", step_s=STEP_S, max_tokens=MAX_TOKENS, slots=slots, rounds=rounds, cancelled=cancelled)
