@@ -19,12 +19,20 @@ concurrent requests share a prefill, a pending limit low enough to provoke overl
 (64 KiB) low enough to provoke 413 cheaply yet above the hostile bodies that must be refused for
 what they hold (a 10,000-element stop list, 30,000-deep JSON nesting). Tests that kill or redeploy
 things deploy an application of their own.
+
+Also here: what every test of a served app reads back from it (its /v1/stats counters, whether it is
+idle, the payloads of a server-sent event stream).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
+from typing import Iterable, Iterator
+
+import httpx
 
 from app.args import AppArgs
 from bench.serve import free_port
@@ -76,3 +84,35 @@ def shared_app_args(checkpoint: HFCheckpoint) -> AppArgs:
         slots=4, batch_max_size=4, batch_wait_ms=100, max_pending_requests=8, retry_after_s=2,
         max_request_bytes=65536, stream_chunk_tokens=4, stream_chunk_ms=50,
     )
+
+
+# -- reading a served app back ----------------------------------------------------------------------
+
+
+def stats(url: str, headers: dict | None = None) -> dict:
+    """The batcher's counters and the (single) replica's engine counters."""
+    body = httpx.get(f"{url}/v1/stats", headers=headers, timeout=30).json()
+    [replica] = body["replicas"]
+    return {"batcher": body["batcher"], **replica}
+
+
+def is_idle(s: dict) -> bool:
+    return s["active_slots"] == 0 and s["waiting"] == 0 and s["batcher"]["held"] == 0
+
+
+def wait_until_idle(url: str, timeout_s: float = 30, headers: dict | None = None) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = stats(url, headers)
+        if is_idle(s):
+            return s
+        assert time.monotonic() < deadline, f"the app did not go idle in {timeout_s}s: {s}"
+        time.sleep(0.05)
+
+
+def sse_payloads(lines: Iterable[str]) -> Iterator[dict | str]:
+    """The `data:` payloads of a server-sent event stream, JSON-decoded; "[DONE]" kept as a string."""
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            yield payload if payload == "[DONE]" else json.loads(payload)

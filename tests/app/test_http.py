@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.cluster import MODEL_NAME, REPO_ROOT
+from tests.cluster import MODEL_NAME, REPO_ROOT, sse_payloads
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -21,15 +21,11 @@ def complete(client, **body) -> dict:
 
 
 def sse_events(response: httpx.Response) -> list:
-    """The `data:` payloads of a server-sent event stream, JSON-decoded, `[DONE]` kept as a string."""
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-        else:
-            assert line == "", f"unexpected SSE line {line!r}"
-    return events
+    """The `data:` payloads of a server-sent event stream, which must hold nothing but `data:` lines."""
+    lines = list(response.iter_lines())
+    unexpected = [line for line in lines if line and not line.startswith("data: ")]
+    assert not unexpected, f"unexpected SSE lines {unexpected!r}"
+    return list(sse_payloads(lines))
 
 
 def test_health_and_models(client):

@@ -1,7 +1,6 @@
 """Serving behaviour of the real graph: dynamic batching, overload, disconnects, Python handles."""
 
 import asyncio
-import json
 import time
 
 import httpx
@@ -10,26 +9,9 @@ from ray import serve
 
 from app.protocol import InvalidRequest, Overloaded
 from app.schemas import CompletionRequest
-from tests.cluster import APP_NAME, MODEL_NAME
+from tests.cluster import APP_NAME, MODEL_NAME, sse_payloads, stats, wait_until_idle
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
-
-
-def stats(url: str) -> dict:
-    """The batcher's counters and the (single) replica's engine counters."""
-    body = httpx.get(f"{url}/v1/stats", timeout=30).json()
-    [replica] = body["replicas"]
-    return {"batcher": body["batcher"], **replica}
-
-
-def wait_until_idle(url: str, timeout_s: float = 30) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        s = stats(url)
-        if s["active_slots"] == 0 and s["waiting"] == 0 and s["batcher"]["held"] == 0:
-            return s
-        assert time.monotonic() < deadline, f"the app did not go idle: {s}"
-        time.sleep(0.1)
 
 
 async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
@@ -89,16 +71,16 @@ async def _stream_first_event_then_leave(url: str, body: dict) -> dict:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    return json.loads(line[len("data: "):])
+                for event in sse_payloads([line]):
+                    return event
     raise AssertionError("no event before the stream ended")
 
 
 async def _stream_to_end(url: str, body: dict) -> list[dict]:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         async with client.stream("POST", "/v1/completions", json=body) as r:
-            lines = [line async for line in r.aiter_lines() if line.startswith("data: {")]
-    return [json.loads(line[len("data: "):]) for line in lines]
+            lines = [line async for line in r.aiter_lines()]
+    return [event for event in sse_payloads(lines) if event != "[DONE]"]
 
 
 def test_disconnect_frees_the_slot(serve_app):

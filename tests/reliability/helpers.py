@@ -1,4 +1,4 @@
-"""What the reliability tests share: deploying an app of their own, reading its stats, streaming,
+"""What the reliability tests share: deploying an app of their own, waiting for it to serve, streaming,
 finding and killing replica actors, and printing the figures docs/RELIABILITY.md records."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import asyncio
 import json
 import sys
 import time
-from typing import Iterator
 
 import httpx
 import pytest
 
 from app.args import AppArgs
 from bench.soak import ReplicaProcess, serve_replicas
+from tests.cluster import sse_payloads
 
 
 def deploy(name: str, args: AppArgs, replica=None) -> None:
@@ -34,28 +34,7 @@ def figures(scenario: str, **values) -> None:
     print(f"\nFIGURES {json.dumps({'scenario': scenario, **values})}", file=sys.stdout, flush=True)
 
 
-# -- the app's own view ---------------------------------------------------------------------------
-
-
-def stats(url: str, headers: dict | None = None) -> dict:
-    """The batcher's counters and the (single) replica's engine counters."""
-    body = httpx.get(f"{url}/v1/stats", headers=headers, timeout=30).json()
-    [replica] = body["replicas"]
-    return {"batcher": body["batcher"], **replica}
-
-
-def is_idle(s: dict) -> bool:
-    return s["active_slots"] == 0 and s["waiting"] == 0 and s["batcher"]["held"] == 0
-
-
-def wait_until_idle(url: str, timeout_s: float = 30, headers: dict | None = None) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        s = stats(url, headers)
-        if is_idle(s):
-            return s
-        assert time.monotonic() < deadline, f"the app did not go idle in {timeout_s}s: {s}"
-        time.sleep(0.05)
+# -- serving again ------------------------------------------------------------------------------
 
 
 def wait_until_serving(url: str, body: dict, timeout_s: float = 120) -> list[int | str]:
@@ -74,14 +53,6 @@ def wait_until_serving(url: str, body: dict, timeout_s: float = 120) -> list[int
 
 
 # -- streams --------------------------------------------------------------------------------------
-
-
-def sse_payloads(lines: Iterator[str]) -> Iterator[dict | str]:
-    """The `data:` payloads of a server-sent event stream, JSON-decoded; "[DONE]" kept as a string."""
-    for line in lines:
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            yield payload if payload == "[DONE]" else json.loads(payload)
 
 
 class Stream:

@@ -21,8 +21,8 @@ import time
 
 import httpx
 
-from tests.cluster import MODEL_NAME
-from tests.reliability.helpers import Stream, figures, is_idle, stats, wait_until_idle
+from tests.cluster import MODEL_NAME, is_idle, stats, wait_until_idle
+from tests.reliability.helpers import Stream, figures
 
 STEP_S = 0.05
 MAX_TOKENS = 200

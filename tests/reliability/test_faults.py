@@ -22,10 +22,10 @@ import httpx
 from ray import serve
 
 from app import replica
-from tests.cluster import MODEL_NAME
+from tests.cluster import MODEL_NAME, wait_until_idle
 from tests.reliability import faulty
 from tests.reliability.conftest import LAB, LAB_ARGS
-from tests.reliability.helpers import Stream, figures, kill, replica_of, wait_until_idle, wait_until_serving
+from tests.reliability.helpers import Stream, figures, kill, replica_of, wait_until_serving
 
 STREAM_BODY = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 200, "ignore_eos": True,
                "return_token_ids": True}

@@ -29,7 +29,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance, response_schema_conformance
 
-from tests.reliability.helpers import figures, wait_until_idle
+from tests.cluster import wait_until_idle
+from tests.reliability.helpers import figures
 
 EXAMPLES = 40
 EXAMPLES_SLOW = 500

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import jsonschema
 import pytest
 import referencing.jsonschema
 from ray import serve
 
 from app.protocol import InvalidRequest
-from tests.cluster import APP_NAME, MODEL_NAME
-from tests.reliability.helpers import stats, wait_until_idle
+from tests.cluster import APP_NAME, MODEL_NAME, stats, wait_until_idle
 
 PROMPT = "The quick brown fox"
 BASE = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4}

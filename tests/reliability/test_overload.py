@@ -20,8 +20,8 @@ import httpx
 from ray import serve
 
 from bench.soak import replica_memory_mb
-from tests.cluster import APP_NAME, MODEL_NAME
-from tests.reliability.helpers import figures, wait_until_idle
+from tests.cluster import APP_NAME, MODEL_NAME, wait_until_idle
+from tests.reliability.helpers import figures
 
 BODY = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
 OVERLOAD_FACTOR = 5
