@@ -58,7 +58,7 @@ from app.args import AppArgs
 from app.completions import CompletionAssembler, plan_completion, plan_saxml
 from app.metrics import IngressMetrics
 from app.protocol import (Chunk, EngineRequest, InvalidRequest, ModelInfo, NotReady, Overloaded, ServeError,
-                          Unauthorized, Unavailable, describe)
+                          Unauthorized, Unavailable, describe, original)
 from app.schemas import (
     CompletionChunk,
     CompletionRequest,
@@ -163,11 +163,9 @@ def read_api_key(env_name: str | None) -> str | None:
 
 
 def as_serve_error(e: BaseException) -> ServeError:
-    """Any failure of a call as the ServeError the client should see. Ray re-raises a deployment's
-    exception as a RayTaskError subclass whose `cause` is the original (with its attributes)."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        e = cause
+    """Any failure of a call (a deployment's exception as Ray re-raised it, too) as the ServeError the
+    client should see."""
+    e = original(e)
     if isinstance(e, ServeError):
         return e
     if isinstance(e, BackPressureError):

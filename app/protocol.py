@@ -102,11 +102,16 @@ class NotReady(ServeError):
     status_code = 503
 
 
-def describe(e: BaseException) -> str:
-    """`Type: message` of a failure, one line, for clients and logs. Ray re-raises a deployment's
-    exception as a RayTaskError whose `cause` is the original, and puts actor details on later lines."""
+def original(e: BaseException) -> BaseException:
+    """The exception a deployment raised: Ray re-raises it in the caller as a RayTaskError whose
+    `cause` is the original (with its attributes, such as a ServeError's status)."""
     cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        e = cause
+    return cause if isinstance(cause, BaseException) else e
+
+
+def describe(e: BaseException) -> str:
+    """`Type: message` of a failure, one line, for clients and logs (Ray puts actor details on the
+    lines after the first)."""
+    e = original(e)
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
