@@ -9,9 +9,8 @@ import httpx
 from ray import serve
 
 from app.builder import build_app
-from tests.cluster import MODEL_NAME
+from tests.cluster import MODEL_NAME, REPO_ROOT
 
-REPO_ROOT = __file__.rsplit("/tests/", 1)[0]
 APP = "gptj-int8"
 
 
