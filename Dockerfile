@@ -22,4 +22,4 @@ COPY --chown=1000:100 model ./model
 COPY --chown=1000:100 kuberay ./kuberay
 COPY --chown=1000:100 bench ./bench
 RUN pip install --no-cache-dir --no-deps . \
- && python -c "import app.args, kuberay.drain, model.config, jax; print('jax', jax.__version__)"
+ && python -c "import app.args, kuberay.drain, model.nn.config, jax; print('jax', jax.__version__)"

@@ -23,7 +23,7 @@ from app.schemas import (
     SaxmlGenerateRequest,
     Usage,
 )
-from model.tokenizer import Tokenizer
+from model.text.tokenizer import Tokenizer
 
 
 def check_prompt(

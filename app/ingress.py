@@ -70,7 +70,7 @@ from app.schemas import (
     SaxmlGenerateRequest,
     SaxmlGenerateResponse,
 )
-from model.tokenizer import Tokenizer
+from model.text.tokenizer import Tokenizer
 
 READY_TIMEOUT_S = 5.0
 
@@ -270,7 +270,7 @@ class Ingress:
     """HTTP and handle front end (see the module docstring)."""
 
     def __init__(self, batcher: DeploymentHandle, args: AppArgs):
-        from model import checkpoint
+        from model.ckpt import checkpoint
 
         self._batcher = batcher
         self._batcher_generate = batcher.options(method_name="generate", stream=True)

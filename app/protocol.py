@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.request import Request
+from model.serving.request import Request
 
 
 # One generation: one prompt, one choice, token ids already checked against the model. It is the
-# driver's own request type (model.request imports neither JAX nor Ray), so the replica submits it
+# driver's own request type (model.serving.request imports neither JAX nor Ray), so the replica submits it
 # as it arrives.
 EngineRequest = Request
 

@@ -46,7 +46,7 @@ from app.metrics import ReplicaMetrics
 from app.protocol import Chunk, EngineRequest, ModelInfo
 
 if TYPE_CHECKING:
-    from model.driver import Driver, Output
+    from model.serving.driver import Driver, Output
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,17 +58,17 @@ CALLER_CHECK_PERIOD_S = 2.0
 def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | None = None) -> "Driver":
     """Load `args.checkpoint` onto `args.mesh`, build and warm up the engine: a driver ready to start.
     The first JAX import of the process happens here. (Also the engine-only side of bench.serve.)"""
-    from model.sharding import ensure_host_devices
+    from model.nn.sharding import ensure_host_devices
 
     # Both before the first jax import: virtual CPU devices for the mesh, and XLA's CPU threads.
     ensure_host_devices(args.mesh)
     os.environ["OMP_NUM_THREADS"] = str(args.replica_threads or os.cpu_count())
 
-    from model import checkpoint
-    from model.driver import Driver
-    from model.engine import Engine, EngineConfig
-    from model.sharding import make_mesh
-    from model.tokenizer import Tokenizer
+    from model.ckpt import checkpoint
+    from model.serving.driver import Driver
+    from model.engine.dense import Engine, EngineConfig
+    from model.nn.sharding import make_mesh
+    from model.text.tokenizer import Tokenizer
 
     start = time.perf_counter()
     mesh = make_mesh(args.mesh)
@@ -211,7 +211,7 @@ class Replica:
     async def generate(self, batch: list[EngineRequest], caller: str | None = None) -> AsyncIterator[list[Chunk]]:
         """Generate a prefill batch; yields lists of chunks until every request in it has finished.
         `caller` is the calling batcher's actor name (its requests are cancelled if it dies)."""
-        from model.engine import RequestRejected
+        from model.engine.dense import RequestRejected
 
         bridge = _OutputBridge(asyncio.get_running_loop())
 

@@ -67,10 +67,10 @@ def bench_engine(loaded, mesh, batch: int, prompt_len: int, new_tokens: int, rep
                  kv_cache_dtype: str = "auto") -> dict:
     import jax
 
-    from model.driver import Driver, Request
-    from model.engine import Engine, EngineConfig
-    from model.sampling import SamplingParams
-    from model.tokenizer import Tokenizer
+    from model.serving.driver import Driver, Request
+    from model.engine.dense import Engine, EngineConfig
+    from model.engine.sampling import SamplingParams
+    from model.text.tokenizer import Tokenizer
 
     config = EngineConfig(prompt_buckets=(prompt_len,), batch_buckets=(batch,), slots=batch,
                           max_cache_len=prompt_len + new_tokens, kv_cache_dtype=kv_cache_dtype)
@@ -120,7 +120,7 @@ def hf_model(loaded, dtype: str):
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
-    from model import checkpoint
+    from model.ckpt import checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -169,13 +169,13 @@ def bench_hf(model, device, vocab: int, batch: int, prompt_len: int, new_tokens:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from model.sharding import ensure_host_devices
+    from model.nn.sharding import ensure_host_devices
 
     ensure_host_devices(args.mesh)
     import jax
 
-    from model import checkpoint
-    from model.sharding import make_mesh
+    from model.ckpt import checkpoint
+    from model.nn.sharding import make_mesh
 
     log(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     mesh = make_mesh(args.mesh)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     hf = hf_model(loaded, args.dtype) if args.compare_hf else None  # from the float weights
     engine_weights = loaded
     if args.quantize:
-        from model.transformer import quantize_weights
+        from model.nn.transformer import quantize_weights
 
         engine_weights = dataclasses.replace(loaded, weights=jax.jit(quantize_weights)(loaded.weights), quantization="int8")
         del loaded
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         del engine_weights  # free device memory for the torch runs
         model, device = hf
         for batch in args.batch_sizes:
-            print(json.dumps(bench_hf(model, device, model.config.vocab_size, batch, args.prompt_len,
+            print(json.dumps(bench_hf(model, device, model.nn.config.vocab_size, batch, args.prompt_len,
                                       args.new_tokens, args.repeats)), flush=True)
     return 0
 

@@ -22,9 +22,10 @@ import numpy as np
 def plan(cfg, mesh_size: int, hbm_gib: float, reserve_gib: float) -> list[dict]:
     import jax.numpy as jnp
 
-    from model import checkpoint, sharding
-    from model.kv_cache import KVCache
-    from model.transformer import Weights
+    from model.ckpt import checkpoint
+    from model.nn import sharding
+    from model.nn.kv_cache import KVCache
+    from model.nn.transformer import Weights
 
     mesh = sharding.make_mesh(mesh_size)
     rows = []
@@ -56,10 +57,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    from model.sharding import ensure_host_devices
+    from model.nn.sharding import ensure_host_devices
 
     ensure_host_devices(args.mesh)
-    from model.config import preset
+    from model.nn.config import preset
 
     rows = plan(preset(args.checkpoint), args.mesh, args.hbm_gib, args.reserve_gib)
     for r in rows:

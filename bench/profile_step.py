@@ -51,8 +51,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    from model import checkpoint
-    from model.engine import Engine, EngineConfig
+    from model.ckpt import checkpoint
+    from model.engine.dense import Engine, EngineConfig
 
     loaded = checkpoint.load(args.checkpoint, dtype=args.dtype, progress=False)
     config = EngineConfig(prompt_buckets=(128,), batch_buckets=(args.batch,), slots=args.batch, max_cache_len=192)

@@ -45,9 +45,9 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from model import checkpoint
-    from model.config import preset
-    from model.transformer import Weights
+    from model.ckpt import checkpoint
+    from model.nn.config import preset
+    from model.nn.transformer import Weights
 
     cfg = preset(args.checkpoint)
     specs = checkpoint.leaf_names(Weights.param_specs(cfg, jnp.dtype(args.dtype), args.quantize is not None))

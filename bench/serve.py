@@ -16,7 +16,7 @@ exactly `--max-tokens` greedy tokens (`ignore_eos`), sent as `stream: true` comp
 with `--rate R`, requests arrive as a Poisson process of R per second (open loop).
 
 The engine-only side runs the identical workload (same prompts, same arrival pattern) through
-`model.driver.Driver` in this process, built by the replica's own `load_driver` from the same args:
+`model.serving.driver.Driver` in this process, built by the replica's own `load_driver` from the same args:
 the ceiling the serving layers can reach on this machine. It runs while the app sits idle.
 
 Output, one JSON object per line on stdout:
@@ -180,7 +180,7 @@ async def run_http(url: str, model: str, workload: Workload) -> tuple[list[Sampl
 
 
 def run_engine(driver, workload: Workload) -> tuple[list[Sample], float]:
-    from model.driver import Request
+    from model.serving.driver import Request
 
     n = len(workload.prompts)
     samples: list[Sample | None] = [None] * n

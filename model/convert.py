@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from model import checkpoint
-    from model.transformer import Weights
+    from model.ckpt import checkpoint
+    from model.nn.transformer import Weights
 
     try:
         src = checkpoint.resolve(args.src)

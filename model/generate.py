@@ -73,16 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from model.sharding import ensure_host_devices
+    from model.nn.sharding import ensure_host_devices
 
     ensure_host_devices(args.mesh)  # before jax is imported: virtual CPU devices for --mesh N
 
-    from model import checkpoint
-    from model.config import ConfigError
-    from model.driver import Driver, Request
-    from model.engine import Engine, RequestRejected
-    from model.sharding import ShardingError, make_mesh
-    from model.tokenizer import Tokenizer
+    from model.ckpt import checkpoint
+    from model.nn.config import ConfigError
+    from model.serving.driver import Driver, Request
+    from model.engine.dense import Engine, RequestRejected
+    from model.nn.sharding import ShardingError, make_mesh
+    from model.text.tokenizer import Tokenizer
 
     try:
         if args.prompts_file:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int], kv_cache_dtype: str = "auto"):
     """One batch, every prompt in one slot: a single prompt bucket (a power of two) that holds the
     longest prompt, and a cache just long enough for the longest prompt + max_tokens."""
-    from model.engine import EngineConfig
+    from model.engine.dense import EngineConfig
 
     longest = max(len(p) for p in prompts)
     bucket = 16

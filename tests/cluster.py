@@ -36,7 +36,7 @@ import httpx
 
 from app.args import AppArgs
 from bench.serve import free_port
-from model.config import GPTJConfig
+from model.nn.config import GPTJConfig
 from tests.helpers import HFCheckpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

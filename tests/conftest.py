@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from model.sharding import ensure_host_devices  # noqa: E402  (must precede any jax import)
+from model.nn.sharding import ensure_host_devices  # noqa: E402  (must precede any jax import)
 
 ensure_host_devices(4)
 

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from model.config import GPTJConfig
+from model.nn.config import GPTJConfig
 
 # Small configs that exercise the quirks: rotary_dim < head_dim, odd vocab sizes, head counts.
 # TEST_CONFIG's vocab divides by 4 so it also runs on the 4-device mesh (vocab is sharded).

@@ -9,8 +9,8 @@ from app.completions import CompletionAssembler, plan_completion
 from app.protocol import Chunk, InvalidRequest, ModelInfo
 from app.replica import _ChunkBuffer, fit_prompt_buckets
 from app.schemas import CompletionRequest
-from model.driver import Output
-from model.tokenizer import Tokenizer
+from model.serving.driver import Output
+from model.text.tokenizer import Tokenizer
 
 INFO = ModelInfo(vocab_size=50257, max_total_length=128, prompt_buckets=(16, 64))
 

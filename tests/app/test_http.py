@@ -36,7 +36,7 @@ def test_health_and_models(client):
 
 
 def test_completion_round_trip(client, serve_app):
-    from model.tokenizer import Tokenizer
+    from model.text.tokenizer import Tokenizer
 
     body = complete(client, max_tokens=12, temperature=0, logprobs=0, return_token_ids=True, ignore_eos=True)
     assert body["object"] == "text_completion" and body["model"] == MODEL_NAME and body["id"].startswith("cmpl-")

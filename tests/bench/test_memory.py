@@ -1,7 +1,7 @@
 """The memory plan for GPT-J 6B on a TPU v5e 2x2 host, from the sharded shapes."""
 
 from bench import memory
-from model.config import preset
+from model.nn.config import preset
 
 
 def test_gptj_6b_on_a_2x2_host():

@@ -7,9 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from model import checkpoint, safetensors_io, transformer
-from model.checkpoint import CheckpointError
-from model.config import ConfigError
+from model.ckpt import checkpoint
+from model.ckpt import safetensors_io
+from model.nn import transformer
+from model.ckpt.checkpoint import CheckpointError
+from model.nn.config import ConfigError
 from tests.helpers import make_hf_checkpoint
 
 

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from model import checkpoint, transformer
-from model.driver import Driver, Request
-from model.engine import Engine, EngineConfig, RequestRejected, compilation_count
-from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
+from model.ckpt import checkpoint
+from model.nn import transformer
+from model.serving.driver import Driver, Request
+from model.engine.dense import Engine, EngineConfig, RequestRejected, compilation_count
+from model.engine.sampling import SamplingParams
+from model.text.tokenizer import Tokenizer
 
 CONFIG = EngineConfig(prompt_buckets=(8, 16, 32), batch_buckets=(1, 2, 4), slots=4, max_cache_len=64)
 
@@ -227,7 +228,7 @@ def test_bad_requests_are_refused_with_the_reason(engine, tokenizer, request_kwa
 def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
     """A GPT-J-sized vocabulary (50400 rows): even when the padding rows have the largest logits,
     neither greedy nor sampling ever picks one of them."""
-    from model.config import preset
+    from model.nn.config import preset
 
     cfg = preset("tiny")
     loaded = checkpoint.load("tiny", progress=False)

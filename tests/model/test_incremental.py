@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import checkpoint, transformer
-from model.kv_cache import KVCache
+from model.ckpt import checkpoint
+from model.nn import transformer
+from model.nn.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from model import checkpoint, generate, transformer
+from model.ckpt import checkpoint
+from model import generate
+from model.nn import transformer
 from tests.helpers import PARITY_CONFIGS, make_hf_checkpoint
 
 

@@ -17,11 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from model import checkpoint, convert, quant, safetensors_io, sharding, transformer
-from model.driver import Driver, Request
-from model.engine import Engine, EngineConfig
-from model.kv_cache import KVCache
-from model.tokenizer import Tokenizer
+from model.ckpt import checkpoint
+from model import convert
+from model.nn import quant
+from model.ckpt import safetensors_io
+from model.nn import sharding
+from model.nn import transformer
+from model.serving.driver import Driver, Request
+from model.engine.dense import Engine, EngineConfig
+from model.nn.kv_cache import KVCache
+from model.text.tokenizer import Tokenizer
 
 
 @settings(max_examples=60, deadline=None)

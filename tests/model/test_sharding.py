@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import checkpoint, convert, sharding, transformer
-from model.sharding import ParamSpec, ShardingError
+from model.ckpt import checkpoint
+from model import convert
+from model.nn import sharding
+from model.nn import transformer
+from model.nn.sharding import ParamSpec, ShardingError
 
 
 def test_unmapped_axis_fails_loudly():
@@ -86,7 +89,7 @@ def test_convert_to_bfloat16_halves_the_bytes(hf_checkpoint, tmp_path):
 
 def test_gptj_6b_bf16_bytes_per_device_on_a_2x2_mesh():
     """GPT-J 6B on the 4-chip mesh, read from the sharded parameter shapes (no weights built)."""
-    from model.config import preset
+    from model.nn.config import preset
 
     cfg = preset("gptj-6b")
     specs = checkpoint.leaf_names(transformer.Weights.param_specs(cfg, jnp.bfloat16))

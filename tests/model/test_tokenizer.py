@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from model.tokenizer import Tokenizer
+from model.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

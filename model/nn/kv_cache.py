@@ -19,9 +19,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model.config import GPTJConfig
-from model.quant import QuantArray, quantize_last
-from model.sharding import BATCH, CACHE_SEQ, HEAD_DIM, HEADS, ParamSpec
+from model.nn.config import GPTJConfig
+from model.nn.quant import QuantArray, quantize_last
+from model.nn.sharding import BATCH, CACHE_SEQ, HEAD_DIM, HEADS, ParamSpec
 
 
 @flax.struct.dataclass

@@ -18,7 +18,7 @@ a previous request left behind is never read. Each jitted function donates the d
 constrains its outputs to the same shardings as its inputs, so state never changes layout (which
 would force a recompile).
 
-This module knows nothing of requests, queues or threads: that is `model.driver`.
+This module knows nothing of requests, queues or threads: that is `model.serving.driver`.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import sharding as shard_lib
-from model.config import GPTJConfig
-from model.kv_cache import KVCache
-from model.sampling import SamplingParams, sample
-from model.sharding import BATCH, ParamSpec
-from model.transformer import Weights, activation_dtype, forward, logits
+from model.nn import sharding as shard_lib
+from model.nn.config import GPTJConfig
+from model.nn.kv_cache import KVCache
+from model.engine.sampling import SamplingParams, sample
+from model.nn.sharding import BATCH, ParamSpec
+from model.nn.transformer import Weights, activation_dtype, forward, logits
 
 DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048)
 SAXML_PROMPT_BUCKETS = (512, 1024, 1919)

@@ -18,7 +18,7 @@ import os
 
 import tokenizers
 
-from model.config import ENDOFTEXT_ID
+from model.nn.config import ENDOFTEXT_ID
 
 ENDOFTEXT = "<|endoftext|>"
 

@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from model import safetensors_io
-from model.config import PRESETS, ConfigError, GPTJConfig
-from model.sharding import ParamSpec
+from model.ckpt import safetensors_io
+from model.nn.config import PRESETS, ConfigError, GPTJConfig
+from model.nn.sharding import ParamSpec
 
 NATIVE_MANIFEST = "gptj_native.json"
 NATIVE_WEIGHTS = "weights.safetensors"
@@ -247,7 +247,7 @@ def check_hf_tensors(cfg: GPTJConfig, store: TensorStore, where: str) -> None:
 
 def iter_hf_as_native(cfg: GPTJConfig, store: TensorStore) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (native name, float32 array in the native layout), one unquantized leaf at a time."""
-    from model.transformer import Weights
+    from model.nn.transformer import Weights
 
     specs = leaf_names(Weights.param_specs(cfg, np.float32))
     recipes = hf_recipes(cfg)
@@ -263,7 +263,7 @@ def iter_hf_as_native(cfg: GPTJConfig, store: TensorStore) -> Iterator[tuple[str
 
 def quantization_targets(cfg: GPTJConfig, quantize_lm_head: bool) -> dict[str, int]:
     """Native leaf name -> contracted leading axes, for every leaf int8 quantization covers."""
-    from model.transformer import QUANTIZABLE
+    from model.nn.transformer import QUANTIZABLE
 
     targets = {f"layers.{i}.{name}": n for i in range(cfg.n_layers) for name, n in QUANTIZABLE.items()}
     return targets | ({"lm_head": 1} if quantize_lm_head else {})
@@ -271,7 +271,7 @@ def quantization_targets(cfg: GPTJConfig, quantize_lm_head: bool) -> dict[str, i
 
 def quantize_leaves(leaves: Iterator[tuple[str, np.ndarray]], targets: dict[str, int]) -> Iterator[tuple[str, np.ndarray]]:
     """Replace each target leaf by its int8 values and float32 scales (`name.values`, `name.scale`)."""
-    from model.quant import quantize
+    from model.nn.quant import quantize
 
     for name, array in leaves:
         if name in targets:
@@ -395,8 +395,8 @@ def load(checkpoint: str, mesh=None, dtype: str | None = None, quantize: str | N
     import jax
     import jax.numpy as jnp
 
-    from model import sharding as shard_lib
-    from model.transformer import Weights, init_weights, quantize_weights
+    from model.nn import sharding as shard_lib
+    from model.nn.transformer import Weights, init_weights, quantize_weights
 
     if quantize not in (None, "int8"):
         raise CheckpointError(f"quantize must be None or 'int8', got {quantize!r}")

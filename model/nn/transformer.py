@@ -23,11 +23,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model import layers, quant
-from model.config import GPTJConfig
-from model.quant import QuantArray
-from model.kv_cache import KVCache, write_kv, write_rows
-from model.sharding import EMBED, FF, HEAD_DIM, HEADS, QKV, VOCAB, ParamSpec
+from model.nn import layers
+from model.nn import quant
+from model.nn.config import GPTJConfig
+from model.nn.quant import QuantArray
+from model.nn.kv_cache import KVCache, write_kv, write_rows
+from model.nn.sharding import EMBED, FF, HEAD_DIM, HEADS, QKV, VOCAB, ParamSpec
 
 
 # Weight leaves that int8 quantization covers, with their number of leading (contracted) axes.

@@ -31,10 +31,10 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from model.engine import Engine, RequestRejected
-from model.request import Request
-from model.sampling import SamplingParams
-from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from model.engine.dense import Engine, RequestRejected
+from model.serving.request import Request
+from model.engine.sampling import SamplingParams
+from model.text.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _seed_source = random.SystemRandom()
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # sampling settings travel to the device as float32
@@ -233,12 +233,10 @@ class Driver:
                 (batch if fits else kept).append(live)
             self._waiting = kept
         admitted_at = time.monotonic()
-        for live in batch:
-            if live.request.seed is None:
-                live.request.seed = _seed_source.randrange(2**31)
         reqs = [live.request for live in batch]
+        seeds = [_seed_source.randrange(2**31) if r.seed is None else r.seed for r in reqs]
         params = SamplingParams.host(
-            [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs], [r.seed for r in reqs]
+            [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs], seeds
         )
         prefix = self.engine.prefill([list(r.prompt_ids) for r in reqs], params)
         slots = free[: len(batch)]

@@ -1,0 +1,115 @@
+"""One generation request, and the one validator of what a server can take (`Limits`).
+
+In a module of its own, importing neither JAX nor Ray, so that the serving app's CPU deployments
+(ingress, batcher) build, check and pass requests without loading the engine (app.protocol).
+
+Where a limit is checked. `Limits` comes from the engine (`Engine.limits`: vocabulary, prompt
+buckets, context) and checks a request against it: the ingress calls `check_prompt` before anything
+is sent (so an HTTP client gets a 400 naming its field), and the driver calls `check` on every
+submit (so the CLI, handle callers and anything that bypasses the ingress get the same answers).
+Field types and ranges of the public API are the schemas' job (app.schemas); server policy such as
+`max_tokens_limit` is the app's. A new engine limit goes here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Sequence
+
+from model.engine.buckets import smallest_fitting
+
+FLOAT32_MAX = 3.4028234663852886e38  # sampling settings travel to the device as float32
+INT32_LIMIT = 2**31  # the engine holds top_k and seeds as int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A tokenised prompt and its settings. Frozen: the driver never writes into a caller's request."""
+
+    prompt_ids: Sequence[int]
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None = a fresh random seed
+    stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()  # stop strings, matched on the detokenised text
+    stop_at_eos: bool = False
+    request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class RequestRejected(ValueError):
+    """A request that cannot be served as asked (too long, bad settings); never truncated silently.
+    `param` names the request field at fault, where there is one."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keeps `param` across pickling (Ray actors)
+        return type(self), (str(self), self.param)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What an engine can take: the checks every layer shares."""
+
+    vocab_size: int  # valid prompt token ids are [0, vocab_size) (the real vocabulary, no padding rows)
+    prompt_buckets: tuple[int, ...]  # compiled prompt lengths; the longest prompt is the last
+    max_total_length: int  # prompt + max_tokens must fit in this many positions
+
+    @property
+    def max_prompt_length(self) -> int:
+        return self.prompt_buckets[-1]
+
+    def prompt_bucket(self, length: int, param: str = "prompt") -> int:
+        """The prompt bucket a prompt of `length` tokens is padded to."""
+        bucket = smallest_fitting(length, self.prompt_buckets)
+        if bucket is None:
+            raise RequestRejected(
+                f"{param} has {length} tokens; the longest prompt served is {self.max_prompt_length}", param
+            )
+        return bucket
+
+    def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int, param: str = "prompt",
+                     max_tokens_param: str = "max_tokens") -> None:
+        """A prompt's token ids and length, and prompt + max_tokens against the context. `param` and
+        `max_tokens_param` are the fields' names as the caller's API spells them."""
+        if len(prompt_ids) == 0:
+            raise RequestRejected(f"{param} is empty", param)
+        bad = next((t for t in prompt_ids if not (_is_int(t) and 0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise RequestRejected(f"{param}: token id {bad!r} is outside the vocabulary [0, {self.vocab_size})", param)
+        self.prompt_bucket(len(prompt_ids), param)
+        total = len(prompt_ids) + max_tokens
+        if total > self.max_total_length:
+            raise RequestRejected(
+                f"{param} ({len(prompt_ids)} tokens) + {max_tokens_param} ({max_tokens}) = {total} exceeds the "
+                f"context limit of {self.max_total_length} tokens",
+                max_tokens_param.split(".")[0],
+            )
+
+    def check(self, r: Request) -> None:
+        """Everything about `r`: raises RequestRejected naming the problem; a request that passes can be
+        served as asked."""
+        if not _is_int(r.max_tokens) or r.max_tokens < 1:
+            raise RequestRejected(f"max_tokens must be a positive integer, got {r.max_tokens!r}", "max_tokens")
+        self.check_prompt(r.prompt_ids, r.max_tokens)
+        if not r.temperature >= 0:  # also catches NaN
+            raise RequestRejected(f"temperature must be >= 0, got {r.temperature}", "temperature")
+        if r.temperature > FLOAT32_MAX:  # inf in float32: the sampler would divide the logits into NaNs
+            raise RequestRejected(
+                f"temperature must be at most {FLOAT32_MAX:.3g} (float32), got {r.temperature}", "temperature"
+            )
+        if not 0 < r.top_p <= 1:
+            raise RequestRejected(f"top_p must be in (0, 1], got {r.top_p}", "top_p")
+        if not 0 <= r.top_k < INT32_LIMIT:
+            raise RequestRejected(f"top_k must be in [0, 2**31), got {r.top_k}", "top_k")
+        if r.seed is not None and not 0 <= r.seed < INT32_LIMIT:
+            raise RequestRejected(f"seed must be in [0, 2**31), got {r.seed}", "seed")
+
+
+def _is_int(x) -> bool:
+    """An integer, Python's or numpy's (without importing numpy)."""
+    return isinstance(x, int) or (type(x).__module__ == "numpy" and hasattr(x, "__index__"))
