@@ -1,10 +1,15 @@
 """From an API request to engine requests, and from chunks back to API responses. No Ray here.
 
-`plan_completion` tokenises and validates an OpenAI request against the replica's limits (`ModelInfo`)
-and expands it into one `EngineRequest` per choice: prompt i, sample j becomes choice i * n + j, as in
-OpenAI's API. Every rejection is an `InvalidRequest` naming the field, raised before anything is sent
-to the batcher. `CompletionAssembler` folds the chunks of all choices into stream events and into the
-final response (text, logprobs, finish reasons, usage).
+`plan_completion` tokenises an OpenAI request, checks it against the engine's limits
+(`model.serving.request.Limits`, from the replica) and the server's own policy (`ServerPolicy`, from
+the app's args), and expands it into one `Request` per choice: prompt i, sample j becomes choice
+i * n + j, as in OpenAI's API. Every rejection is an `InvalidRequest` naming the field, raised before
+anything is sent to the batcher. `CompletionAssembler` folds the chunks of all choices into stream
+events and into the final response (text, logprobs, finish reasons, usage).
+
+Where a check lives: field types and ranges in app.schemas; engine limits (token ids, prompt length,
+context) in `Limits`, the one validator the driver also runs; server policy (n, choices per request,
+max_tokens_limit) here, in `ServerPolicy`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import dataclasses
 import time
 import uuid
 
-from app.protocol import Chunk, EngineRequest, InvalidRequest, ModelInfo
+from app.args import AppArgs
+from app.protocol import Chunk, InvalidRequest
 from app.schemas import (
     CompletionChoice,
     CompletionChunk,
@@ -22,27 +28,37 @@ from app.schemas import (
     Logprobs,
     SaxmlGenerateRequest,
     Usage,
+    prompt_list,
 )
+from model.serving.request import Limits, Request, RequestRejected
 from model.text.tokenizer import Tokenizer
+
+SAXML_STEPS = "extra_inputs.per_example_max_decode_steps"  # Saxml's max_tokens, as its API spells it
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerPolicy:
+    """What this server allows a request beyond the engine's limits (built once from the app's args)."""
+
+    default_max_tokens: int  # max_tokens when a request leaves it unset
+    max_n: int  # the largest `n`
+    max_choices: int  # prompts x n per request: more could never be admitted at once (max_pending_requests)
+    max_tokens_limit: int | None = None  # if set, bounds max_tokens below what the context allows
+
+    @classmethod
+    def from_args(cls, args: AppArgs) -> ServerPolicy:
+        return cls(default_max_tokens=args.default_max_tokens, max_n=args.max_n,
+                   max_choices=args.max_pending_requests, max_tokens_limit=args.max_tokens_limit)
 
 
 def check_prompt(
-    prompt_ids: list[int], max_tokens: int, info: ModelInfo, param: str = "prompt", max_tokens_param: str = "max_tokens"
+    prompt_ids: list[int], max_tokens: int, limits: Limits, param: str = "prompt", max_tokens_param: str = "max_tokens"
 ) -> None:
-    """The limits the engine enforces, checked up front with messages that name the field."""
-    bad = next((t for t in prompt_ids if not 0 <= t < info.vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"{param}: token id {bad} is outside the vocabulary [0, {info.vocab_size})", param)
-    longest = info.prompt_buckets[-1]
-    if len(prompt_ids) > longest:
-        raise InvalidRequest(f"{param} has {len(prompt_ids)} tokens; the longest prompt served is {longest}", param)
-    total = len(prompt_ids) + max_tokens
-    if total > info.max_total_length:
-        raise InvalidRequest(
-            f"{param} ({len(prompt_ids)} tokens) + {max_tokens_param} ({max_tokens}) = {total} exceeds the context "
-            f"limit of {info.max_total_length} tokens",
-            max_tokens_param.split(".")[0],
-        )
+    """The engine's limits (`Limits.check_prompt`, the one validator), as an InvalidRequest naming the field."""
+    try:
+        limits.check_prompt(prompt_ids, max_tokens, param, max_tokens_param)
+    except RequestRejected as e:
+        raise InvalidRequest(str(e), e.param) from None
 
 
 def check_max_tokens(max_tokens: int, limit: int | None, param: str = "max_tokens") -> None:
@@ -54,15 +70,8 @@ def check_max_tokens(max_tokens: int, limit: int | None, param: str = "max_token
 
 
 def tokenize_prompts(request: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    prompt = request.prompt
-    if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
-    elif isinstance(prompt[0], str):
-        prompts = [tokenizer.encode(p) for p in prompt]
-    elif isinstance(prompt[0], int):
-        prompts = [list(prompt)]
-    else:
-        prompts = [list(p) for p in prompt]
+    """Every prompt of `request` as token ids (text is encoded, token ids are taken as they are)."""
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt_list(request.prompt)]
     if any(not p for p in prompts):  # text that encodes to no tokens
         raise InvalidRequest("prompt encodes to no tokens", "prompt")
     return prompts
@@ -71,29 +80,28 @@ def tokenize_prompts(request: CompletionRequest, tokenizer: Tokenizer) -> list[l
 @dataclasses.dataclass
 class CompletionPlan:
     prompts: list[list[int]]  # per prompt
-    requests: list[EngineRequest]  # per choice, in choice order
+    requests: list[Request]  # per choice, in choice order
 
 
 def plan_completion(
-    request: CompletionRequest, info: ModelInfo, tokenizer: Tokenizer, default_max_tokens: int, max_n: int,
-    max_choices: int, max_tokens_limit: int | None = None,
+    request: CompletionRequest, tokenizer: Tokenizer, limits: Limits, policy: ServerPolicy
 ) -> CompletionPlan:
-    """`max_choices` bounds prompts x n: more could never be admitted at once (max_pending_requests).
-    `max_tokens_limit`, if set, bounds max_tokens below what the context allows."""
-    if not 1 <= request.n <= max_n:
-        raise InvalidRequest(f"n must be in [1, {max_n}], got {request.n}", "n")
-    max_tokens = request.max_tokens or default_max_tokens
-    check_max_tokens(max_tokens, max_tokens_limit)
+    """The engine requests of an OpenAI completion request, one per choice, every check passed."""
+    if not 1 <= request.n <= policy.max_n:
+        raise InvalidRequest(f"n must be in [1, {policy.max_n}], got {request.n}", "n")
+    max_tokens = request.max_tokens or policy.default_max_tokens
+    check_max_tokens(max_tokens, policy.max_tokens_limit)
     prompts = tokenize_prompts(request, tokenizer)
-    if len(prompts) * request.n > max_choices:
+    choices = len(prompts) * request.n
+    if choices > policy.max_choices:
         raise InvalidRequest(
-            f"{len(prompts)} prompts x n={request.n} = {len(prompts) * request.n} completions; at most "
-            f"{max_choices} per request", "n" if request.n > 1 else "prompt",
+            f"{len(prompts)} prompts x n={request.n} = {choices} completions; at most "
+            f"{policy.max_choices} per request", "n" if request.n > 1 else "prompt",
         )
     for ids in prompts:
-        check_prompt(ids, max_tokens, info)
+        check_prompt(ids, max_tokens, limits)
     requests = [
-        EngineRequest(
+        Request(
             request_id=uuid.uuid4().hex,
             prompt_ids=ids,
             max_tokens=max_tokens,
@@ -110,18 +118,16 @@ def plan_completion(
     return CompletionPlan(prompts, requests)
 
 
-def plan_saxml(
-    request: SaxmlGenerateRequest, info: ModelInfo, tokenizer: Tokenizer, default_max_tokens: int,
-    max_tokens_limit: int | None = None,
-) -> EngineRequest:
+def plan_saxml(request: SaxmlGenerateRequest, tokenizer: Tokenizer, limits: Limits, policy: ServerPolicy) -> Request:
+    """The one engine request of a Saxml /generate request, every check passed."""
     extra = request.extra_inputs
-    max_tokens = extra.per_example_max_decode_steps or default_max_tokens
-    check_max_tokens(max_tokens, max_tokens_limit, "extra_inputs.per_example_max_decode_steps")
+    max_tokens = extra.per_example_max_decode_steps or policy.default_max_tokens
+    check_max_tokens(max_tokens, policy.max_tokens_limit, SAXML_STEPS)
     ids = tokenizer.encode(request.query)
     if not ids:
         raise InvalidRequest("query encodes to no tokens", "query")
-    check_prompt(ids, max_tokens, info, "query", "extra_inputs.per_example_max_decode_steps")
-    return EngineRequest(
+    check_prompt(ids, max_tokens, limits, "query", SAXML_STEPS)
+    return Request(
         request_id=uuid.uuid4().hex, prompt_ids=ids, max_tokens=max_tokens, temperature=extra.temperature,
         top_k=extra.per_example_top_k, top_p=extra.per_example_top_p, stop_at_eos=True,
     )

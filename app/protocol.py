@@ -1,15 +1,19 @@
 """What the three deployments send each other, and the errors that cross deployment boundaries.
 
-    Ingress --EngineRequest--------------> Batcher --list[EngineRequest] (one prefill batch)--> Replica
-    Ingress <--Chunk, Chunk, ... (stream)-- Batcher <--list[Chunk], list[Chunk], ... (stream)--- Replica
+    Ingress --Request-------------------> Batcher --list[Request] (one prefill batch)--> Replica
+    Ingress <--Chunk, Chunk, ... (stream)-- Batcher <--list[Chunk], list[Chunk], ... (stream)-- Replica
+    Ingress --info()--------------------> Batcher --info()----------------------------> Replica -> Limits
 
-The ingress sends one `EngineRequest` per completion choice (a prompt, already tokenised and
-validated, with its sampling settings) as a streaming call to the batcher. The batcher forwards whole
-prefill batches to a replica as one streaming call and routes the replica's chunks back to each
-request's own stream. A `Chunk` carries every token one request produced since its previous chunk
-(several tokens per chunk, never one RPC per token per hop); the last chunk of a request has
-`finish_reason` set. A per-request failure travels as a chunk with `error`, so one bad request never
-fails the others of its batch; whole-call failures are exceptions.
+The ingress sends one `model.serving.request.Request` per completion choice (a prompt, already
+tokenised and checked against the engine's `Limits`, with its sampling settings) as a streaming call
+to the batcher. Both are the engine's own types (model.serving.request imports neither JAX nor Ray):
+the replica submits a request as it arrives, and `info()` answers with the engine's limits, which
+the ingress checks requests against. The batcher forwards whole prefill batches to a replica as one
+streaming call and routes the replica's chunks back to each request's own stream. A `Chunk` carries
+every token one request produced since its previous chunk (several tokens per chunk, never one RPC
+per token per hop); the last chunk of a request has `finish_reason` set. A per-request failure
+travels as a chunk with `error` (and, for a rejection, `error_param`: the field at fault), so one bad
+request never fails the others of its batch; whole-call failures are exceptions.
 
 Exceptions carry their HTTP status so the ingress maps them without guessing; they keep their
 constructor arguments in `args`, so they survive pickling across actors (Ray re-raises them in the
@@ -20,13 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.serving.request import Request
+from model.serving.request import Limits, Request
 
-
-# One generation: one prompt, one choice, token ids already checked against the model. It is the
-# driver's own request type (model.serving.request imports neither JAX nor Ray), so the replica submits it
-# as it arrives.
+# Transitional: app.batcher and app.replica still import these two names; they go once those
+# modules use model.serving.request's `Request` and `Limits` by their own names.
 EngineRequest = Request
+ModelInfo = Limits
 
 
 @dataclasses.dataclass
@@ -40,20 +43,12 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" | "error", on a request's last chunk
     error: str | None = None
     error_status: int = 500  # the HTTP status for `error` (400: the engine rejected the request)
+    error_param: str | None = None  # with a 4xx: the request field at fault (RequestRejected.param)
     overloaded: bool = False  # with 503: refused because the server is at capacity (not a failure)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """What the ingress needs to validate requests without the model: the replica's limits."""
-
-    vocab_size: int  # valid prompt token ids are [0, vocab_size)
-    max_total_length: int  # prompt + max_tokens must fit in this many positions
-    prompt_buckets: tuple[int, ...]  # the longest prompt is prompt_buckets[-1] tokens
 
 
 class ServeError(Exception):

@@ -48,6 +48,14 @@ def _omit_none(value) -> bool:
     return value is None
 
 
+def prompt_list(prompt: PromptInput) -> list[str] | list[list[int]]:
+    """The prompts a `prompt` field holds, as a list: [text], [text, ...], [ids] or [ids, ...]. The one
+    place that tells the four shapes apart (the field's validator and the ingress's tokenising use it)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenAI completions
 
@@ -90,10 +98,7 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, prompt):
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompts = [prompt]
-        else:
-            prompts = prompt
+        prompts = prompt_list(prompt)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompt must not be empty (nor contain an empty prompt)")
         for p in prompts:
@@ -173,7 +178,10 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-# A stream event has the same shape as the response: the choices that advanced, with their new text.
+# A stream event is one model with the response, not a subclass: OpenAI's stream events are
+# "text_completion" objects of the same shape (the official client parses both with one class), and
+# each carries the choices that advanced, with their new text (usage only in the last, when asked).
+# The name stays for handle callers (README): `generate_stream` yields CompletionChunks.
 CompletionChunk = CompletionResponse
 
 

@@ -1,18 +1,16 @@
-"""The app's pure parts, without Ray: request schemas, planning, response assembly, token chunking."""
-
-import time
+"""app.completions and app.schemas, without Ray: request schemas, planning, response assembly."""
 
 import pytest
 from pydantic import ValidationError
 
-from app.completions import CompletionAssembler, plan_completion
-from app.protocol import Chunk, InvalidRequest, ModelInfo
-from app.replica import _ChunkBuffer, fit_prompt_buckets
+from app.completions import CompletionAssembler, ServerPolicy, plan_completion
+from app.protocol import Chunk, InvalidRequest
 from app.schemas import CompletionRequest
-from model.serving.driver import Output
+from model.serving.request import Limits
 from model.text.tokenizer import Tokenizer
 
-INFO = ModelInfo(vocab_size=50257, max_total_length=128, prompt_buckets=(16, 64))
+LIMITS = Limits(vocab_size=50257, max_total_length=128, prompt_buckets=(16, 64))
+POLICY = ServerPolicy(default_max_tokens=16, max_n=8, max_choices=64)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,12 @@ def test_bad_prompts(prompt):
 
 
 def test_plan_expands_prompts_and_choices(tokenizer):
-    plan = plan_completion(request(prompt=[[1, 2], [3]], n=3, seed=10, ignore_eos=True), INFO, tokenizer, 16, 8, 64)
+    plan = plan_completion(request(prompt=[[1, 2], [3]], n=3, seed=10, ignore_eos=True), tokenizer, LIMITS, POLICY)
     assert [r.prompt_ids for r in plan.requests] == [[1, 2]] * 3 + [[3]] * 3
     assert [r.seed for r in plan.requests] == [10, 11, 12] * 2  # choice j of each prompt: seed + j
     assert all(r.max_tokens == 16 and not r.stop_at_eos for r in plan.requests)
     assert len({r.request_id for r in plan.requests}) == 6
-    big = plan_completion(request(n=2, seed=2**31 - 1), INFO, tokenizer, 16, 8, 64)
+    big = plan_completion(request(n=2, seed=2**31 - 1), tokenizer, LIMITS, POLICY)
     assert [r.seed for r in big.requests] == [2**31 - 1, 0]  # wrapped into the engine's int32
 
 
@@ -68,13 +66,13 @@ def test_handle_instances_are_validated_again():
 ])
 def test_plan_rejections(tokenizer, fields, param, message):
     with pytest.raises(InvalidRequest, match=message.replace("[", r"\[")) as e:
-        plan_completion(request(**fields), INFO, tokenizer, 16, 8, 64)
+        plan_completion(request(**fields), tokenizer, LIMITS, POLICY)
     assert e.value.param == param and e.value.status_code == 400
 
 
 def test_assembler_echo_usage_logprobs(tokenizer):
     req = request(prompt=["Hello world", "Hi"], n=2, logprobs=0, return_token_ids=True)
-    plan = plan_completion(req, INFO, tokenizer, 16, 8, 64)
+    plan = plan_completion(req, tokenizer, LIMITS, POLICY)
     asm = CompletionAssembler(req, plan, "m", tokenizer)
     first, second = [r.request_id for r in plan.requests[:2]]
     ids = tokenizer.encode(" one two")
@@ -93,45 +91,9 @@ def test_assembler_echo_usage_logprobs(tokenizer):
     assert response.usage.completion_tokens == 3
 
     echo = request(echo=True)
-    plan = plan_completion(echo, INFO, tokenizer, 16, 8, 64)
+    plan = plan_completion(echo, tokenizer, LIMITS, POLICY)
     asm = CompletionAssembler(echo, plan, "m", tokenizer)
     rid = plan.requests[0].request_id
     assert asm.add(Chunk(rid, [11], [-1.0], ",")).choices[0].text == "Hello world,"
     assert asm.add(Chunk(rid, [13], [-1.0], ".", finish_reason="length")).choices[0].text == "."
     assert asm.response().choices[0].text == "Hello world,."
-
-
-def test_chunk_buffer_coalesces_tokens():
-    buf = _ChunkBuffer(chunk_tokens=3, chunk_s=60)
-    assert buf.wait_s() is None
-    buf.add(Output("a", [1], [-0.1], "x"))
-    assert buf.wait_s() == 0  # a request's first token leaves at once
-    assert [c.token_ids for c in buf.take()] == [[1]]
-    buf.add(Output("a", [2], [-0.2], "y"))
-    buf.add(Output("b", [7], [-0.7], "z"))  # b's first token: the buffer is due, and takes a's too
-    assert buf.wait_s() == 0
-    assert {c.request_id: c.token_ids for c in buf.take()} == {"a": [2], "b": [7]}
-    buf.add(Output("a", [3], [-0.3], "p"))
-    buf.add(Output("a", [4], [-0.4], "q"))
-    assert 59 < buf.wait_s() <= 60  # two tokens wait for a third, or for chunk_s
-    buf.add(Output("a", [5], [-0.5], "r"))
-    [chunk] = buf.take()
-    assert (chunk.token_ids, chunk.text, chunk.finished) == ([3, 4, 5], "pqr", False)
-    buf.add(Output("b", [8], [-0.8], "s", finished=True, finish_reason="stop"))
-    assert buf.wait_s() == 0 and buf.take()[0].finish_reason == "stop"
-
-
-def test_chunk_buffer_time_limit():
-    buf = _ChunkBuffer(chunk_tokens=100, chunk_s=0.05)
-    buf.add(Output("a", [1], [-0.1], "x"))
-    buf.take()
-    buf.add(Output("a", [2], [-0.1], "y"))
-    assert buf.wait_s() > 0
-    time.sleep(0.06)
-    assert buf.wait_s() == 0
-
-
-def test_prompt_buckets_fit_the_context():
-    assert fit_prompt_buckets((32, 128, 512), 2048) == (32, 128, 512)
-    assert fit_prompt_buckets((32, 128, 512), 256) == (32, 128, 256)  # a small checkpoint still serves
-    assert fit_prompt_buckets((512, 1024), 128) == (128,)
