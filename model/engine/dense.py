@@ -1,10 +1,9 @@
-"""The inference engine: JetStream's engine API over the GPT-J forward pass, static shapes only.
+"""The dense engine: JetStream's engine API (model.engine.api) over the GPT-J forward pass, with a
+slot-contiguous KV cache: every slot reserves `max_cache_len` positions.
 
     prefill(prompts)               a padded batch of prompts -> Prefix (KV prefix + first tokens)
     insert(prefix, state, slots)   copy each prefix row into a free decode slot
     generate(state)                one decode step for every slot -> (state, StepOutput)
-    init_decode_state()            empty slots
-    max_concurrent_decodes         the slot count;  max_prefill_length  the largest prompt bucket
 
 Shapes: a prompt is right-padded to the smallest prompt bucket that holds it, a prefill batch to
 the smallest batch bucket, and decode always runs all `slots` over a cache of `max_cache_len`
@@ -14,11 +13,12 @@ decode step up front; afterwards the engine expects no more XLA compilations, an
 
 A slot that holds no request still computes (the shape is fixed); its position is clamped to the last
 cache index and its tokens are ignored by the driver. `insert` rewrites a slot's whole row, so what
-a previous request left behind is never read. Each jitted function donates the decode state, and
-constrains its outputs to the same shardings as its inputs, so state never changes layout (which
-would force a recompile).
+a previous request left behind is never read, and a finished request holds nothing to free. Each
+jitted function donates the decode state, and constrains its outputs to the same shardings as its
+inputs, so state never changes layout (which would force a recompile).
 
-This module knows nothing of requests, queues or threads: that is `model.serving.driver`.
+Prefill always starts from an empty cache here: continuing an existing prefix (chunked prefill,
+prefix caching) needs the paged cache.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-import threading
 import time
 from typing import Sequence
 
@@ -35,43 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.engine import api
+from model.engine.buckets import smallest_fitting
 from model.nn import sharding as shard_lib
 from model.nn.config import GPTJConfig
 from model.nn.kv_cache import KVCache
 from model.engine.sampling import SamplingParams, sample
 from model.nn.sharding import BATCH, ParamSpec
 from model.nn.transformer import Weights, activation_dtype, forward, logits
+from model.serving.request import Limits
 
 DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048)
-SAXML_PROMPT_BUCKETS = (512, 1024, 1919)
-
-
-class RequestRejected(ValueError):
-    """A request the engine cannot serve as asked (too long, bad settings); never truncated silently."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Process-wide XLA compilation counter (every backend compile in this process, any thread).
-
-_compile_lock = threading.Lock()
-_compile_count = 0
-
-
-def _on_event(event: str, duration: float, **_kwargs) -> None:
-    global _compile_count
-    if event == "/jax/core/compile/backend_compile_duration":
-        with _compile_lock:
-            _compile_count += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-def compilation_count() -> int:
-    return _compile_count
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,55 +179,42 @@ def _generate_impl(weights: Weights, state: DecodeState, *, cfg: GPTJConfig, mes
     return _constrain(new, specs, mesh), StepOutput(tokens=tokens, logprobs=logprobs)
 
 
-class Engine:
-    """Prefill / insert / generate for one model on one mesh. Not thread-safe: one caller drives it."""
+class DenseEngine(api.Engine):
+    """The engine API over a slot-contiguous KV cache (see the module docstring)."""
 
-    def __init__(self, weights: Weights, cfg: GPTJConfig, config: EngineConfig = EngineConfig(), mesh=None):
-        config.validate(cfg)
+    def __init__(self, weights: Weights, model_config: GPTJConfig, config: EngineConfig = EngineConfig(), mesh=None):
+        config.validate(model_config)
         self.weights = weights
-        self.cfg = cfg
+        self.model_config = model_config
         self.config = config
         self.mesh = mesh if mesh is not None else shard_lib.make_mesh(1)
-        self.cache_len = config.cache_len(cfg)
+        self.cache_len = config.cache_len(model_config)
         self.dtype = activation_dtype(weights)
-        self._state_specs = DecodeState.param_specs(cfg, config.slots, self.cache_len, self.dtype, config.kv_int8)
-        kw = dict(cfg=cfg, mesh=self.mesh)
+        self._limits = Limits(model_config.real_vocab_size, tuple(config.prompt_buckets), self.cache_len)
+        self._state_specs = DecodeState.param_specs(model_config, config.slots, self.cache_len, self.dtype,
+                                                    config.kv_int8)
+        kw = dict(cfg=model_config, mesh=self.mesh)
         self._prefill = jax.jit(functools.partial(_prefill_impl, kv_int8=config.kv_int8, **kw))
         self._insert = jax.jit(functools.partial(_insert_impl, specs=self._state_specs, **kw), donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(_generate_impl, specs=self._state_specs, **kw), donate_argnums=(1,))
-        self.warmup_seconds: float | None = None
-        self._compiles_at_warmup: int | None = None
 
-    # -- properties of the JetStream API ------------------------------------------------------
+    # -- what a request may be ------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.model_config.eos_token_id
 
     @property
     def max_concurrent_decodes(self) -> int:
         return self.config.slots
 
     @property
-    def max_prefill_length(self) -> int:
-        return self.config.prompt_buckets[-1]
-
-    @property
-    def max_total_length(self) -> int:
-        """Prompt plus generated tokens must fit here (the cache, itself within n_positions)."""
-        return self.cache_len
-
-    # -- buckets --------------------------------------------------------------------------------
-
-    def prompt_bucket(self, length: int) -> int:
-        for bucket in self.config.prompt_buckets:
-            if length <= bucket:
-                return bucket
-        raise RequestRejected(
-            f"prompt has {length} tokens; the largest prompt bucket is {self.max_prefill_length}"
-        )
-
-    def batch_bucket(self, size: int) -> int:
-        for bucket in self.config.batch_buckets:
-            if size <= bucket:
-                return bucket
-        raise ValueError(f"prefill batch of {size} exceeds the largest batch bucket {self.config.batch_buckets[-1]}")
+    def max_prefill_batch(self) -> int:
+        return self.config.batch_buckets[-1]
 
     # -- the API --------------------------------------------------------------------------------
 
@@ -264,22 +224,22 @@ class Engine:
         )
         return jax.device_put(zeros, shard_lib.shardings(self.mesh, self._state_specs))
 
-    def prefill(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Prefix:
+    def prefill(self, prompts: Sequence[Sequence[int]], params: SamplingParams, existing_prefix=None) -> Prefix:
         """Prefill a batch of token-id prompts (padded here to buckets). `params` has one row per
         prompt (host arrays); padding rows get greedy settings."""
+        if existing_prefix is not None:
+            raise NotImplementedError("the dense engine prefills whole prompts; continuing a prefix needs pages")
         n = len(prompts)
         if n == 0:
             raise ValueError("prefill needs at least one prompt")
-        t = self.prompt_bucket(max(len(p) for p in prompts))
-        b = self.batch_bucket(n)
+        t = self._bucket(max(len(p) for p in prompts), self.config.prompt_buckets, "prompt")
+        b = self._bucket(n, self.config.batch_buckets, "prefill batch")
         tokens = np.zeros((b, t), np.int32)
         lengths = np.zeros((b,), np.int32)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
-        padded = jax.tree.map(lambda a: np.pad(np.asarray(a), (0, b - n)), params)
-        padded = dataclasses.replace(padded, top_p=np.pad(np.asarray(params.top_p), (0, b - n), constant_values=1.0))
-        return self._prefill(self.weights, tokens, lengths, padded)
+        return self._prefill(self.weights, tokens, lengths, _pad_rows(params, b))
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int]) -> DecodeState:
         """Put prefix rows 0..len(slots)-1 into those slots; the rest of the padded batch is dropped."""
@@ -291,11 +251,18 @@ class Engine:
     def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]:
         return self._generate(self.weights, state)
 
-    # -- warm-up and compile accounting -----------------------------------------------------------
+    @staticmethod
+    def _bucket(size: int, buckets: Sequence[int], what: str) -> int:
+        bucket = smallest_fitting(size, buckets)
+        if bucket is None:  # the driver checks requests against `limits` first: a caller's bug
+            raise ValueError(f"{what} of {size} exceeds the largest bucket {buckets[-1]}")
+        return bucket
+
+    # -- warm-up ----------------------------------------------------------------------------------
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every prefill / insert shape and the decode step; returns the seconds it took."""
-        start = time.perf_counter()
+        start = self._warmup_started()
         state = self.init_decode_state()
         shapes = [(t, b) for t in self.config.prompt_buckets for b in self.config.batch_buckets]
         for i, (t, b) in enumerate(shapes):
@@ -307,16 +274,15 @@ class Engine:
             state = self.insert(prefix, state, list(range(b)))
         state, out = self.generate(state)
         jax.block_until_ready(out)
-        self.warmup_seconds = time.perf_counter() - start
-        self._compiles_at_warmup = compilation_count()
+        seconds = self._warmed_up(start)
         if progress:
-            print(f"warm-up: {len(shapes)} prefill shapes and the decode step compiled in "
-                  f"{self.warmup_seconds:.1f}s", file=sys.stderr, flush=True)
-        return self.warmup_seconds
+            print(f"warm-up: {len(shapes)} prefill shapes and the decode step compiled in {seconds:.1f}s",
+                  file=sys.stderr, flush=True)
+        return seconds
 
-    @property
-    def compilations_since_warmup(self) -> int | None:
-        """XLA compilations in this process since warm-up finished (None before warm-up)."""
-        if self._compiles_at_warmup is None:
-            return None
-        return compilation_count() - self._compiles_at_warmup
+
+def _pad_rows(params: SamplingParams, rows: int) -> SamplingParams:
+    """Pad host sampling settings to `rows` rows with greedy, unfiltered settings."""
+    n = len(params.temperature)
+    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    return jax.tree.map(lambda a, fill: np.pad(np.asarray(a), (0, rows - n), constant_values=fill), params, greedy)

@@ -1,5 +1,8 @@
-"""The engine and its driver: static shapes with zero recompiles after warm-up, continuous batching
-that never changes a request's result, per-request sampling, stops, cancellation, rejections."""
+"""The dense engine, by hand and through the driver: the JetStream API equals a full forward pass,
+static shapes with zero recompiles after warm-up, continuous batching that never changes a request's
+result, per-request sampling on the real model, EOS from the model's config, no padding row sampled.
+(The driver's own behaviour, stops, cancellation and rejections, is tested on the mock engine in
+tests/model/serving/test_driver.py.)"""
 
 import dataclasses
 import random
@@ -8,11 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from model.ckpt import checkpoint
-from model.nn import transformer
-from model.serving.driver import Driver, Request
-from model.engine.dense import Engine, EngineConfig, RequestRejected, compilation_count
+from model import ckpt
+from model.engine.compilations import compilation_count
+from model.engine.dense import DenseEngine, EngineConfig
 from model.engine.sampling import SamplingParams
+from model.nn import transformer
+from model.serving.driver import Driver
+from model.serving.request import Request
 from model.text.tokenizer import Tokenizer
 
 CONFIG = EngineConfig(prompt_buckets=(8, 16, 32), batch_buckets=(1, 2, 4), slots=4, max_cache_len=64)
@@ -20,7 +25,7 @@ CONFIG = EngineConfig(prompt_buckets=(8, 16, 32), batch_buckets=(1, 2, 4), slots
 
 @pytest.fixture(scope="module")
 def loaded(hf_checkpoint):
-    return checkpoint.load(hf_checkpoint.path, progress=False)
+    return ckpt.load(hf_checkpoint.path, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def engine(loaded):
-    engine = Engine(loaded.weights, loaded.cfg, CONFIG)
+    engine = DenseEngine(loaded.weights, loaded.cfg, CONFIG)
     engine.warmup(progress=False)
     return engine
 
@@ -40,7 +45,7 @@ def new_driver(engine, tokenizer):
 
 
 def run_alone(engine, tokenizer, request: Request):
-    return new_driver(engine, tokenizer).generate([dataclasses.replace(request)])[0]
+    return new_driver(engine, tokenizer).generate([request])[0]
 
 
 def random_prompt(rng, vocab, lo=1, hi=30):
@@ -71,7 +76,7 @@ def test_engine_api_prefill_insert_generate_matches_full_forward(engine, loaded)
 
 def test_warmup_then_no_compilation_at_all(loaded, tokenizer):
     """A fresh engine: after warm-up, serving compiles nothing, and the engine's own counter says so."""
-    engine = Engine(loaded.weights, loaded.cfg, CONFIG)
+    engine = DenseEngine(loaded.weights, loaded.cfg, CONFIG)
     assert engine.compilations_since_warmup is None
     engine.warmup(progress=False)
     Driver(engine, tokenizer).generate([Request([1] * n, 5, temperature=0.5, top_p=0.8, seed=n) for n in (3, 9, 20, 31)])
@@ -163,66 +168,12 @@ def test_max_tokens_stop_token_and_eos(engine, loaded, tokenizer):
     stopped = run_alone(engine, tokenizer, dataclasses.replace(base, stop_token_ids=[stop_token]))
     assert stopped.token_ids == full.token_ids[:stop_at] and stopped.finish_reason == "stop"
 
-    eos_engine = Engine(loaded.weights, dataclasses.replace(loaded.cfg, eos_token_id=stop_token), CONFIG)
+    eos_engine = DenseEngine(loaded.weights, dataclasses.replace(loaded.cfg, eos_token_id=stop_token), CONFIG)
     eos_driver = Driver(eos_engine, tokenizer)
     ignored, honoured = eos_driver.generate([dataclasses.replace(base, request_id="ignore-eos"),
                                              dataclasses.replace(base, request_id="stop-at-eos", stop_at_eos=True)])
     assert ignored.token_ids == full.token_ids
     assert honoured.token_ids == full.token_ids[:stop_at] and honoured.finish_reason == "stop"
-
-
-def test_stop_string_is_matched_on_text_and_never_returned(engine, tokenizer):
-    base = Request([1, 2, 3, 4], 30)
-    full = run_alone(engine, tokenizer, base)
-    assert full.text == tokenizer.decode(full.token_ids)
-    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
-    first = full.text.find(stop)
-    assert stop and first >= 0
-
-    pieces = []
-    driver = new_driver(engine, tokenizer)
-    driver.submit(dataclasses.replace(base, stop=["zzzz-never", stop], request_id="s"), pieces.append)
-    while driver.has_work():
-        driver.step()
-    text = "".join(p.text for p in pieces)
-    assert text == full.text[:first]
-    assert pieces[-1].finish_reason == "stop"
-    assert all(stop not in p.text for p in pieces)
-
-
-def test_cancel_frees_the_slot_at_the_next_step(engine, tokenizer):
-    driver = new_driver(engine, tokenizer)
-    outputs = []
-    driver.submit(Request([1, 2, 3], 50, request_id="long"), outputs.append)
-    for _ in range(3):
-        driver.step()
-    assert driver.active_slots == 1
-    driver.cancel("long")
-    driver.step()
-    assert driver.active_slots == 0
-    assert outputs[-1].finished and outputs[-1].finish_reason == "cancelled"
-    assert 1 <= sum(len(o.token_ids) for o in outputs) < 50
-
-
-@pytest.mark.parametrize("request_kwargs, message", [
-    (dict(prompt_ids=list(range(33)), max_tokens=1), "prompt has 33 tokens; the largest prompt bucket is 32"),
-    (dict(prompt_ids=list(range(30)), max_tokens=40), "= 70 exceeds the context limit of 64"),
-    (dict(prompt_ids=[], max_tokens=4), "prompt is empty"),
-    (dict(prompt_ids=[1, 5000], max_tokens=4), "token id 5000 is outside the vocabulary"),
-    (dict(prompt_ids=[1, -3], max_tokens=4), "token id -3 is outside the vocabulary"),
-    (dict(prompt_ids=[1], max_tokens=0), "max_tokens must be a positive integer"),
-    (dict(prompt_ids=[1], max_tokens=4, temperature=-0.5), "temperature must be >= 0"),
-    (dict(prompt_ids=[1], max_tokens=4, temperature=float("nan")), "temperature must be >= 0"),
-    (dict(prompt_ids=[1], max_tokens=4, temperature=1e308), r"temperature must be at most 3.4e\+38 \(float32\)"),
-    (dict(prompt_ids=[1], max_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(prompt_ids=[1], max_tokens=4, top_k=-1), r"top_k must be in \[0, 2\*\*31\)"),
-    (dict(prompt_ids=[1], max_tokens=4, top_k=2**40), r"top_k must be in \[0, 2\*\*31\)"),
-    (dict(prompt_ids=[1], max_tokens=4, seed=2**40), r"seed must be in \[0, 2\*\*31\)"),
-    (dict(prompt_ids=[1], max_tokens=4, seed=-1), r"seed must be in \[0, 2\*\*31\)"),
-])
-def test_bad_requests_are_refused_with_the_reason(engine, tokenizer, request_kwargs, message):
-    with pytest.raises(RequestRejected, match=message):
-        new_driver(engine, tokenizer).submit(Request(**request_kwargs), lambda o: None)
 
 
 def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
@@ -231,10 +182,10 @@ def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
     from model.nn.config import preset
 
     cfg = preset("tiny")
-    loaded = checkpoint.load("tiny", progress=False)
+    loaded = ckpt.load("tiny", progress=False)
     bias = loaded.weights.lm_head_bias.at[cfg.real_vocab_size :].set(1e4)
     weights = loaded.weights.replace(lm_head_bias=bias)
-    engine = Engine(weights, cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(2,), slots=4, max_cache_len=32))
+    engine = DenseEngine(weights, cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(2,), slots=4, max_cache_len=32))
     # Extreme temperatures included: a tiny one once overflowed the scaled logits, a huge one
     # (a subnormal reciprocal) turned the padding rows' -inf into NaN, which argmax picked.
     results = Driver(engine, tokenizer).generate([
@@ -249,17 +200,18 @@ def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
 
 def test_config_validation_names_the_problem(loaded):
     with pytest.raises(ValueError, match="largest batch bucket 8 exceeds slots=4"):
-        Engine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(1, 8), slots=4))
+        DenseEngine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(1, 8), slots=4))
     with pytest.raises(ValueError, match="largest prompt bucket 512 exceeds max_cache_len=64"):
-        Engine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(512,), slots=4, batch_buckets=(1,),
+        DenseEngine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(512,), slots=4, batch_buckets=(1,),
                                                         max_cache_len=64))
 
 
-def test_duplicate_request_id_in_flight_is_refused(engine, tokenizer):
-    driver = new_driver(engine, tokenizer)
-    driver.submit(Request([1, 2], 5, request_id="dup"), lambda o: None)
-    with pytest.raises(RequestRejected, match="request_id 'dup' is already in flight"):
-        driver.submit(Request([3], 5, request_id="dup"), lambda o: None)
-    while driver.has_work():
-        driver.step()
-    driver.submit(Request([3], 5, request_id="dup"), lambda o: None)  # finished ids can be reused
+
+
+def test_limits_are_the_real_vocabulary_the_buckets_and_the_cache(engine, loaded):
+    from model.serving.request import Limits
+
+    assert engine.limits == Limits(loaded.cfg.real_vocab_size, (8, 16, 32), 64)
+    assert engine.max_prefill_batch == 4 and engine.samples_per_slot == 1
+    with pytest.raises(NotImplementedError, match="continuing a prefix needs pages"):
+        engine.prefill([[1, 2]], SamplingParams.host([0], [0], [1], [0]), existing_prefix=object())

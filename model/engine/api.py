@@ -1,0 +1,134 @@
+"""The engine API: what a driver may rely on, in the shape of JetStream's `engine_api.py`.
+
+An engine owns a model on a mesh and runs it in static shapes; it knows nothing of requests, queues
+or threads (that is `model.serving`). A request's life, as a driver runs it:
+
+  1. `prefill(prompts, params)`: a batch of prompts (padded to a prompt bucket and a batch bucket)
+     runs through the model in one call: each prompt's KV cache prefix, and its first token sampled
+     with its own settings. `existing_prefix` continues a prefix already computed (chunked prefill,
+     prefix caching): the new tokens attend to it. An engine that cannot continue prefixes raises
+     NotImplementedError for it.
+  2. `insert(prefix, state, slots)`: each prefix row goes into a free decode slot of the decode state;
+     the other slots keep decoding undisturbed (continuous batching).
+  3. `generate(state)`: one decode step for every slot: each slot's next token and its logprob.
+     Repeated until the driver decides the request is done (stop token, stop string, max_tokens).
+  4. `free_resource(slot)`: the request in `slot` has ended; the engine releases what it held for it
+     (a paged cache's pages). The slot is then free for the next insert.
+
+Shapes: `limits` says what a request may be (vocabulary, prompt buckets, context), and the driver
+checks every request against it before anything runs. `max_concurrent_decodes` is the slot count;
+`samples_per_slot` is how many sequences one slot decodes (beam search: one per beam).
+
+Static shapes, proved: `warmup()` compiles every shape serving will use before the engine reports
+ready, and `compilations_since_warmup` counts what compiled afterwards (it must stay 0).
+
+The decode state and prefixes are engine-defined pytrees, passed back in as they came out (donated
+on devices); a driver reads only the `tokens` and `logprobs` of a prefix and of a step's output.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import Any, Protocol, Sequence
+
+from model.engine.compilations import compilation_count
+from model.serving.request import Limits
+
+
+class Sampled(Protocol):
+    """What prefill and a decode step return for the driver: one token per row (prompt or slot)."""
+
+    tokens: Any  # [rows] int32, device or host array
+    logprobs: Any  # [rows] float32: the model's own log-probability of each token
+
+
+Prefix = Any  # an engine's prefill result (a Sampled with the KV prefix it computed)
+DecodeState = Any  # an engine's decode slots (KV cache, last tokens, positions, sampling settings)
+
+
+class Engine(abc.ABC):
+    """Prefill / insert / generate for one model on one mesh. Not thread-safe: one caller drives it."""
+
+    warmup_seconds: float | None = None
+    _compiles_at_warmup: int | None = None
+
+    # -- what a request may be ------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def limits(self) -> Limits:
+        """Vocabulary, prompt buckets and context: the checks every request must pass."""
+
+    @property
+    @abc.abstractmethod
+    def eos_token_id(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def max_concurrent_decodes(self) -> int:
+        """Decode slots."""
+
+    @property
+    @abc.abstractmethod
+    def max_prefill_batch(self) -> int:
+        """The most prompts one prefill call takes (the largest batch bucket)."""
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self.limits.max_prompt_length
+
+    @property
+    def max_total_length(self) -> int:
+        """Prompt plus generated tokens must fit here."""
+        return self.limits.max_total_length
+
+    @property
+    def samples_per_slot(self) -> int:
+        """Sequences decoded per slot (more than one for beam search)."""
+        return 1
+
+    # -- the lifecycle --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def init_decode_state(self) -> DecodeState:
+        """Every slot empty."""
+
+    @abc.abstractmethod
+    def prefill(self, prompts: Sequence[Sequence[int]], params, existing_prefix: Prefix | None = None) -> Prefix:
+        """Prefill a batch of token-id prompts; `params` (model.engine.sampling.SamplingParams of host
+        arrays) has one row per prompt."""
+
+    @abc.abstractmethod
+    def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int]) -> DecodeState:
+        """Put prefix rows 0..len(slots)-1 into those slots."""
+
+    @abc.abstractmethod
+    def generate(self, state: DecodeState) -> tuple[DecodeState, Sampled]:
+        """One decode step for every slot."""
+
+    def free_resource(self, slot: int) -> None:
+        """The request in `slot` ended: release what the engine holds for it (nothing, by default)."""
+
+    # -- warm-up and compile accounting -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def warmup(self, progress: bool = True) -> float:
+        """Compile every shape serving uses; returns the seconds it took (see `_warmed_up`)."""
+
+    def _warmup_started(self) -> float:
+        compilation_count()  # the counter listens from here on
+        return time.perf_counter()
+
+    def _warmed_up(self, started: float) -> float:
+        """Record the end of warm-up: from now on every compilation is counted against the engine."""
+        self.warmup_seconds = time.perf_counter() - started
+        self._compiles_at_warmup = compilation_count()
+        return self.warmup_seconds
+
+    @property
+    def compilations_since_warmup(self) -> int | None:
+        """XLA compilations in this process since warm-up finished (None before warm-up)."""
+        if self._compiles_at_warmup is None:
+            return None
+        return compilation_count() - self._compiles_at_warmup

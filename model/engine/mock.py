@@ -1,0 +1,140 @@
+"""A mock engine whose every output a person can compute by hand (JetStream's `mock_engine.py`).
+
+It implements the whole engine API without a model, so the host side (scheduler, output
+processing, driver) and the serving app can be tested for what they do (admission, batching,
+cancellation, streaming order, overload, faults) rather than for the model's numbers, quickly.
+
+The arithmetic, over a vocabulary of `vocab_size` ids (GPT-2's 50257 by default):
+- a prompt's first generated token is its last token + 1, and every decode step's token is the
+  slot's previous token + 1 (all mod vocab_size): prompt [.., t] generates t+1, t+2, t+3, ...;
+- every token's logprob is -(token % 4) / 4 (exact in float32: 0, -0.25, -0.5, -0.75);
+- sampling settings are ignored (every request decodes as above, seeded or not).
+So with GPT-2's vocabulary a prompt ending in t reaches <|endoftext|> (50256) after 50256 - t tokens.
+
+A prefill that continues `existing_prefix` (a MockPrefix) generates from the continued prompt's last
+token; `free_resource` records the slots it was told to free (`freed`), so tests can check that the
+driver releases what every finished request held.
+
+Time: `step_delay_s` makes each prefill and decode step sleep that long (a stand-in for a device), so
+a generation lasts long enough to be interrupted; `wedge()` makes the next step block until
+`unwedge()` (a device call that never returns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from model.engine import api
+from model.engine.buckets import smallest_fitting
+from model.nn.config import ENDOFTEXT_ID, GPT2_VOCAB_SIZE
+from model.serving.request import Limits
+
+
+def mock_logprob(tokens: np.ndarray) -> np.ndarray:
+    """The mock's logprob of each token: -(token % 4) / 4."""
+    return -(np.asarray(tokens) % 4).astype(np.float32) / 4
+
+
+@dataclasses.dataclass
+class MockPrefix:
+    prompts: list[list[int]]  # every row's whole prompt so far (continued prefixes included)
+    tokens: np.ndarray  # [rows] first generated token
+    logprobs: np.ndarray  # [rows]
+
+
+@dataclasses.dataclass
+class MockDecodeState:
+    tokens: np.ndarray  # [slots] last token of each slot (an empty slot counts on too; the driver ignores it)
+
+
+@dataclasses.dataclass
+class MockStepOutput:
+    tokens: np.ndarray  # [slots]
+    logprobs: np.ndarray  # [slots]
+
+
+class MockEngine(api.Engine):
+    """See the module docstring."""
+
+    def __init__(self, slots: int = 4, prompt_buckets: Sequence[int] = (16, 64), max_prefill_batch: int = 4,
+                 max_total_length: int = 256, vocab_size: int = GPT2_VOCAB_SIZE, eos_token_id: int = ENDOFTEXT_ID,
+                 step_delay_s: float = 0.0):
+        self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length)
+        self._slots = slots
+        self._max_prefill_batch = max_prefill_batch
+        self._eos = eos_token_id
+        self.step_delay_s = step_delay_s
+        self.freed: list[int] = []
+        self.prefill_batches: list[int] = []  # the size of every prefill call
+        self._unwedged = threading.Event()
+        self._unwedged.set()
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def max_prefill_batch(self) -> int:
+        return self._max_prefill_batch
+
+    # -- the lifecycle --------------------------------------------------------------------------
+
+    def init_decode_state(self) -> MockDecodeState:
+        return MockDecodeState(np.zeros(self._slots, np.int32))
+
+    def prefill(self, prompts, params, existing_prefix: MockPrefix | None = None) -> MockPrefix:
+        if not prompts or len(prompts) > self._max_prefill_batch:
+            raise ValueError(f"prefill of {len(prompts)} prompts; 1 to {self._max_prefill_batch} fit")
+        if existing_prefix is not None and len(existing_prefix.prompts) != len(prompts):
+            raise ValueError("existing_prefix has a different number of rows than prompts")
+        full = [list(existing_prefix.prompts[i]) + list(p) if existing_prefix else list(p)
+                for i, p in enumerate(prompts)]
+        if smallest_fitting(max(len(p) for p in prompts), self._limits.prompt_buckets) is None:
+            raise ValueError(f"a prompt exceeds the largest bucket {self._limits.max_prompt_length}")
+        self._tick()
+        self.prefill_batches.append(len(prompts))
+        tokens = np.array([(p[-1] + 1) % self._limits.vocab_size for p in full], np.int32)
+        return MockPrefix(full, tokens, mock_logprob(tokens))
+
+    def insert(self, prefix: MockPrefix, state: MockDecodeState, slots: Sequence[int]) -> MockDecodeState:
+        tokens = state.tokens.copy()
+        tokens[list(slots)] = prefix.tokens[: len(slots)]
+        return MockDecodeState(tokens)
+
+    def generate(self, state: MockDecodeState) -> tuple[MockDecodeState, MockStepOutput]:
+        self._tick()
+        tokens = ((state.tokens + 1) % self._limits.vocab_size).astype(np.int32)
+        return MockDecodeState(tokens), MockStepOutput(tokens, mock_logprob(tokens))
+
+    def free_resource(self, slot: int) -> None:
+        self.freed.append(slot)
+
+    def warmup(self, progress: bool = True) -> float:
+        return self._warmed_up(self._warmup_started())
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def wedge(self) -> None:
+        """Block the next prefill or decode step until `unwedge()`."""
+        self._unwedged.clear()
+
+    def unwedge(self) -> None:
+        self._unwedged.set()
+
+    def _tick(self) -> None:
+        self._unwedged.wait()
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)

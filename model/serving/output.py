@@ -1,0 +1,96 @@
+"""Output processing: from a request's sampled tokens to what its caller receives.
+
+One `OutputStream` per request turns each token the engine sampled into an `Output`:
+- a stop token (the request's `stop_token_ids`, and EOS when `stop_at_eos`) ends the request and is
+  not returned;
+- text is detokenised incrementally (never half a UTF-8 character, model.text.tokenizer);
+- stop strings are matched on the text; text that could still be the start of a stop string is held
+  back, so a stop string never reaches the caller, and the text is cut where the first one begins;
+- `max_tokens` ends the request with reason "length".
+Deciding that a request has ended is this module's job (vLLM keeps stop-string matching beside
+detokenisation too); freeing what it held is the scheduler's, which the driver tells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from model.serving.request import Request
+from model.text.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Output:
+    request_id: str
+    token_ids: list[int]  # new since the previous Output of this request
+    logprobs: list[float]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    """A whole generation, as `Driver.generate` returns it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+    @staticmethod
+    def of(request: Request, outputs: list[Output]) -> "Result":
+        return Result(
+            request_id=request.request_id,
+            prompt_ids=list(request.prompt_ids),
+            token_ids=[t for o in outputs for t in o.token_ids],
+            logprobs=[lp for o in outputs for lp in o.logprobs],
+            text="".join(o.text for o in outputs),
+            finish_reason=outputs[-1].finish_reason,
+        )
+
+
+class OutputStream:
+    """One request's tokens -> Outputs (see the module docstring)."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer, eos_token_id: int):
+        self.request = request
+        self._detok = tokenizer.detokenizer()
+        self._stop_ids = frozenset(request.stop_token_ids) | ({eos_token_id} if request.stop_at_eos else set())
+        self._longest_stop = max((len(s) for s in request.stop), default=0)
+        self._text = ""  # all text so far (complete characters)
+        self._sent = 0  # how much of it has been delivered
+        self.n_tokens = 0
+
+    def accept(self, token: int, logprob: float) -> Output:
+        """The request's next sampled token; the Output is `finished` when it ended the request."""
+        if token in self._stop_ids:
+            return self.end("stop")
+        self.n_tokens += 1
+        self._text += self._detok.push(token)
+        reason = None
+        if self._longest_stop:
+            # Only the tail can hold a new match: it must end in text added by this token.
+            start = max(0, self._sent - self._longest_stop)
+            hits = [i for i in (self._text.find(s, start) for s in self.request.stop) if i >= 0]
+            if hits:
+                self._text = self._text[: min(hits)]
+                reason = "stop"
+        if reason is None and self.n_tokens >= self.request.max_tokens:
+            self._text += self._detok.flush()
+            reason = "length"
+        if reason is not None:
+            return self.end(reason, [token], [logprob])
+        safe = max(self._sent, len(self._text) - max(self._longest_stop - 1, 0))
+        return self._output([token], [logprob], safe)
+
+    def end(self, reason: str, token_ids=(), logprobs=(), error: str | None = None) -> Output:
+        """The last Output: the rest of the text, with `reason` ("cancelled", "error" when ended from outside)."""
+        return self._output(list(token_ids), list(logprobs), len(self._text), reason, error)
+
+    def _output(self, token_ids, logprobs, upto: int, reason: str | None = None, error: str | None = None) -> Output:
+        text, self._sent = self._text[self._sent : upto], upto
+        return Output(self.request.request_id, token_ids, logprobs, text, reason is not None, reason, error)

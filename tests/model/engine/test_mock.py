@@ -1,0 +1,46 @@
+"""The mock engine does exactly the arithmetic its docstring promises, through the engine API."""
+
+import numpy as np
+import pytest
+
+from model.engine.mock import MockEngine, mock_logprob
+from model.engine.sampling import SamplingParams
+
+PARAMS = SamplingParams.host([0.0, 0.0], [0, 0], [1.0, 1.0], [0, 0])
+
+
+def test_prefill_then_decode_counts_up_from_the_last_prompt_token():
+    engine = MockEngine(slots=4)
+    state = engine.init_decode_state()
+    prefix = engine.prefill([[5, 9], [3, 50256]], PARAMS)
+    assert prefix.tokens.tolist() == [10, 0]  # 50256 + 1 wraps around GPT-2's 50257 ids
+    state = engine.insert(prefix, state, [2, 0])
+    state, out = engine.generate(state)
+    assert out.tokens[[2, 0]].tolist() == [11, 1]
+    state, out = engine.generate(state)
+    assert out.tokens[[2, 0]].tolist() == [12, 2]
+    np.testing.assert_array_equal(out.logprobs, -(out.tokens % 4) / 4)
+
+
+def test_logprobs_are_exact_quarters():
+    assert mock_logprob(np.arange(6)).tolist() == [0.0, -0.25, -0.5, -0.75, 0.0, -0.25]
+
+
+def test_existing_prefix_continues_the_prompt():
+    engine = MockEngine()
+    first = engine.prefill([[1, 2]], PARAMS)
+    continued = engine.prefill([[7, 8]], PARAMS, existing_prefix=first)
+    assert continued.prompts == [[1, 2, 7, 8]] and continued.tokens.tolist() == [9]
+
+
+def test_limits_warmup_and_free_resource():
+    engine = MockEngine(slots=3, prompt_buckets=(8, 32), max_prefill_batch=2, max_total_length=100)
+    assert engine.limits.max_prompt_length == 32 and engine.max_total_length == 100
+    assert engine.max_concurrent_decodes == 3 and engine.max_prefill_batch == 2
+    assert engine.compilations_since_warmup is None
+    engine.warmup()
+    assert engine.compilations_since_warmup == 0
+    engine.free_resource(1)
+    assert engine.freed == [1]
+    with pytest.raises(ValueError, match="prefill of 3 prompts"):
+        engine.prefill([[1]] * 3, PARAMS)
