@@ -1,11 +1,14 @@
 """app.completions and app.schemas, without Ray: request schemas, planning, response assembly."""
 
+import dataclasses
+
 import pytest
 from pydantic import ValidationError
 
-from app.completions import CompletionAssembler, ServerPolicy, plan_completion
+from app.args import AppArgs
+from app.completions import CompletionAssembler, ServerPolicy, plan_completion, plan_saxml, tokenize_prompts
 from app.protocol import Chunk, InvalidRequest
-from app.schemas import CompletionRequest
+from app.schemas import CompletionRequest, SaxmlGenerateRequest, prompt_list
 from model.serving.request import Limits
 from model.text.tokenizer import Tokenizer
 
@@ -97,3 +100,53 @@ def test_assembler_echo_usage_logprobs(tokenizer):
     assert asm.add(Chunk(rid, [11], [-1.0], ",")).choices[0].text == "Hello world,"
     assert asm.add(Chunk(rid, [13], [-1.0], ".", finish_reason="length")).choices[0].text == "."
     assert asm.response().choices[0].text == "Hello world,."
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("text", ["text"]), (["a", "b"], ["a", "b"]), ([1, 2, 3], [[1, 2, 3]]), ([[1], [2, 3]], [[1], [2, 3]]),
+])
+def test_prompt_list_tells_the_four_shapes_apart(prompt, expected):
+    assert prompt_list(prompt) == expected
+
+
+def test_tokenize_prompts(tokenizer):
+    assert tokenize_prompts(request(prompt=["Hello world", "Hi"]), tokenizer) == [
+        tokenizer.encode("Hello world"), tokenizer.encode("Hi")]
+    assert tokenize_prompts(request(prompt=[5, 6]), tokenizer) == [[5, 6]]
+    assert tokenize_prompts(request(prompt=[[5], [6, 7]]), tokenizer) == [[5], [6, 7]]
+
+
+def test_policy_from_args():
+    args = AppArgs(default_max_tokens=7, max_n=3, max_pending_requests=5, max_tokens_limit=9)
+    assert ServerPolicy.from_args(args) == ServerPolicy(default_max_tokens=7, max_n=3, max_choices=5, max_tokens_limit=9)
+
+
+def test_max_tokens_limit(tokenizer):
+    policy = dataclasses.replace(POLICY, max_tokens_limit=32)
+    assert plan_completion(request(max_tokens=32), tokenizer, LIMITS, policy).requests[0].max_tokens == 32
+    with pytest.raises(InvalidRequest, match="max_tokens=33 exceeds this server's max_tokens_limit=32") as e:
+        plan_completion(request(max_tokens=33), tokenizer, LIMITS, policy)
+    assert e.value.param == "max_tokens"
+
+
+def saxml(query: str = "Hello world", **extra) -> SaxmlGenerateRequest:
+    return SaxmlGenerateRequest(model="m", query=query, extra_inputs=extra)
+
+
+def test_plan_saxml(tokenizer):
+    r = plan_saxml(saxml(temperature=0.5, per_example_top_k=4), tokenizer, LIMITS, POLICY)
+    assert (r.prompt_ids, r.max_tokens, r.temperature, r.top_k, r.stop_at_eos) == (
+        tokenizer.encode("Hello world"), 16, 0.5, 4, True)
+
+
+@pytest.mark.parametrize("query,extra,policy,param,message", [
+    ("a" + " a" * 69, {}, POLICY, "query", "query has 70 tokens; the longest prompt served is 64"),
+    ("Hello world", {"per_example_max_decode_steps": 127}, POLICY, "extra_inputs",
+     "query (2 tokens) + extra_inputs.per_example_max_decode_steps (127) = 129 exceeds the context limit of 128 tokens"),
+    ("Hello world", {"per_example_max_decode_steps": 9}, dataclasses.replace(POLICY, max_tokens_limit=8),
+     "extra_inputs", "extra_inputs.per_example_max_decode_steps=9 exceeds this server's max_tokens_limit=8"),
+])
+def test_plan_saxml_rejections(tokenizer, query, extra, policy, param, message):
+    with pytest.raises(InvalidRequest) as e:
+        plan_saxml(saxml(query, **extra), tokenizer, LIMITS, policy)
+    assert (e.value.message, e.value.param, e.value.status_code) == (message, param, 400)
