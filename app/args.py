@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+APP_NAME = "gptj"  # the Serve application's name (serve_config.yaml's `name:`), for kuberay/, bench/, tests
+
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -28,237 +28,24 @@ With `--repeats R`, served and engine-only runs alternate R times, so background
 weighs on both alike; the ratio is that of the medians.
 TTFT is send to the first token; TPOT (time per output token) is (last token - first token) /
 (tokens - 1) per request. Throughput is all output tokens over the wall time of the whole run.
-Progress goes to stderr.
+Progress goes to stderr. The load generator is `bench.load`; the local cluster, `bench.harness`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
-import queue
-import random
-import socket
 import statistics
 import sys
-import time
-
-import yaml
 
 from app.args import AppArgs
+from bench.harness import LocalApp, app_args, logger
+from bench.load import Workload, run_engine, run_http, summarize
+from model.nn.config import GPT2_VOCAB_SIZE
 
-APP_NAME = "gptj"
-
-
-def log(msg: str) -> None:
-    print(f"[bench.serve] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Workload and results
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    prompts: list[list[int]]
-    max_tokens: int
-    concurrency: int | None  # closed loop, or
-    rate: float | None  # open loop, with
-    arrivals: list[float] | None  # the seconds after the start at which each request is sent
-
-    @staticmethod
-    def make(requests: int, prompt_tokens: int, max_tokens: int, concurrency: int | None, rate: float | None,
-             vocab: int, seed: int = 0) -> "Workload":
-        rng = random.Random(seed)
-        prompts = [[rng.randrange(vocab) for _ in range(prompt_tokens)] for _ in range(requests)]
-        arrivals = None
-        if rate is not None:
-            t, arrivals = 0.0, []
-            for _ in range(requests):
-                arrivals.append(t)
-                t += rng.expovariate(rate)
-        return Workload(prompts, max_tokens, concurrency, rate, arrivals)
-
-    def describe(self) -> dict:
-        return {"rate": self.rate} if self.rate is not None else {"concurrency": self.concurrency}
-
-
-@dataclasses.dataclass
-class Sample:
-    sent: float
-    first: float | None = None
-    last: float | None = None
-    tokens: int = 0
-    error: str | None = None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
-
-
-def summarize(system: str, workload: Workload, samples: list[Sample], seconds: float, **extra) -> dict:
-    done = [s for s in samples if s.error is None and s.tokens]
-    ttft = [s.first - s.sent for s in done]
-    tpot = [(s.last - s.first) / (s.tokens - 1) for s in done if s.tokens > 1]
-    tokens = sum(s.tokens for s in done)
-    row = {"system": system, **extra, **workload.describe(), "requests": len(samples), "completed": len(done),
-           "errors": len(samples) - len(done), "output_tokens": tokens, "seconds": round(seconds, 2),
-           "out_tok_s": round(tokens / seconds, 1)}
-    for name, values in (("ttft", ttft), ("tpot", tpot)):
-        for q in (50, 99):
-            v = percentile(values, q)
-            row[f"{name}_p{q}_s"] = None if v is None else round(v, 4)
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
-# The served side: streaming HTTP clients
-
-
-async def _one_http(client, model: str, prompt: list[int], max_tokens: int, t0: float) -> Sample:
-    import httpx
-
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
-    sample = Sample(sent=time.perf_counter() - t0)
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                sample.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return sample
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[len("data: "):])
-                if "error" in event:
-                    sample.error = event["error"]["message"]
-                    return sample
-                n = len(event["choices"][0].get("token_ids") or ())
-                if n:
-                    now = time.perf_counter() - t0
-                    sample.first = sample.first if sample.first is not None else now
-                    sample.last = now
-                    sample.tokens += n
-    except httpx.HTTPError as e:
-        sample.error = f"{type(e).__name__}: {e}"
-    return sample
-
-
-async def run_http(url: str, model: str, workload: Workload) -> tuple[list[Sample], float]:
-    import httpx
-
-    n = len(workload.prompts)
-    limits = httpx.Limits(max_connections=max(n, 64), max_keepalive_connections=max(n, 64))
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
-        one = lambda i: _one_http(client, model, workload.prompts[i], workload.max_tokens, t0)  # noqa: E731
-        samples: list[Sample | None] = [None] * n
-        if workload.arrivals is None:
-            todo = iter(range(n))
-
-            async def client_loop():
-                for i in todo:
-                    samples[i] = await one(i)
-
-            await asyncio.gather(*(client_loop() for _ in range(workload.concurrency)))
-        else:
-            async def at(i: int):
-                await asyncio.sleep(max(0.0, workload.arrivals[i] - (time.perf_counter() - t0)))
-                samples[i] = await one(i)
-
-            await asyncio.gather(*(at(i) for i in range(n)))
-        return samples, time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------------------------------
-# The engine-only side: the same workload through the driver, in this process
-
-
-def run_engine(driver, workload: Workload) -> tuple[list[Sample], float]:
-    from model.serving.driver import Request
-
-    n = len(workload.prompts)
-    samples: list[Sample | None] = [None] * n
-    finished: queue.Queue[int] = queue.Queue()
-
-    def submit(i: int, t0: float) -> None:
-        sample = samples[i] = Sample(sent=time.perf_counter() - t0)
-
-        def on_output(out, sample=sample, i=i):  # on the driver thread
-            now = time.perf_counter() - t0
-            if out.token_ids:
-                sample.first = sample.first if sample.first is not None else now
-                sample.last = now
-                sample.tokens += len(out.token_ids)
-            if out.finished:
-                sample.error = out.error
-                finished.put(i)
-
-        driver.submit(Request(prompt_ids=workload.prompts[i], max_tokens=workload.max_tokens), on_output)
-
-    t0 = time.perf_counter()
-    if workload.arrivals is None:
-        nxt = min(workload.concurrency, n)
-        for i in range(nxt):
-            submit(i, t0)
-        for _ in range(n):
-            finished.get()
-            if nxt < n:
-                submit(nxt, t0)
-                nxt += 1
-    else:
-        for i in range(n):
-            time.sleep(max(0.0, workload.arrivals[i] - (time.perf_counter() - t0)))
-            submit(i, t0)
-        for _ in range(n):
-            finished.get()
-    return samples, time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------------------------------
-# Deploying the app on a local Ray cluster
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalApp:
-    """A local Ray cluster with Serve's proxy on a free port; `deploy(args)` (re)deploys the app."""
-
-    def __enter__(self) -> "LocalApp":
-        import ray
-        from ray import serve
-
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
-        self.url = f"http://127.0.0.1:{free_port()}"
-        serve.start(http_options={"host": "127.0.0.1", "port": int(self.url.rsplit(":", 1)[1])})
-        return self
-
-    def deploy(self, args: AppArgs) -> None:
-        from ray import serve
-
-        from app.builder import build_app
-
-        start = time.perf_counter()
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        log(f"app deployed (batch_max_size={args.batch_max_size}) in {time.perf_counter() - start:.0f}s")
-
-    def __exit__(self, *exc) -> None:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+log = logger("bench.serve")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,16 +84,6 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def app_args(config: str, overrides: str | None) -> AppArgs:
-    """The gptj application's args from a Serve config file, with JSON overrides on top."""
-    with open(config) as f:
-        apps = yaml.safe_load(f)["applications"]
-    base = next((a.get("args", {}) for a in apps if a["name"] == APP_NAME), None)
-    if base is None:
-        raise SystemExit(f"{config} has no application named {APP_NAME!r}")
-    return AppArgs(**{**base, **json.loads(overrides or "{}")})
 
 
 def parse_args(argv=None):
@@ -399,7 +176,7 @@ def sweep(args: AppArgs, workloads: list[Workload], plot_path: str | None, title
     """Every arrival rate with dynamic batching on (args as given) and off (one request per prefill)."""
     off = args.model_copy(update={"batch_max_size": 1, "prefill_batch_buckets": (1,)})
     rows = []
-    with LocalApp() as app:
+    with LocalApp(log) as app:
         for label, variant in (("on", args), ("off", off)):
             app.deploy(variant)
             rows += [served_row(app.url, variant, w, batching=label) for w in workloads]
@@ -414,7 +191,7 @@ def main(argv=None) -> int:
 
     def workload(rate: float | None) -> Workload:
         return Workload.make(opts.requests, opts.prompt_tokens, opts.max_tokens, opts.concurrency, rate,
-                             vocab=50257, seed=opts.seed)
+                             vocab=GPT2_VOCAB_SIZE, seed=opts.seed)
 
     if opts.sweep_rates:
         title = (f"{args.checkpoint} preset, {args.slots} slots, {opts.prompt_tokens}-token prompts, "
@@ -425,7 +202,7 @@ def main(argv=None) -> int:
     if opts.url:
         compare(opts.url, args, work, opts.repeats, not opts.no_engine)
     else:
-        with LocalApp() as app:
+        with LocalApp(log) as app:
             app.deploy(args)
             compare(app.url, args, work, opts.repeats, not opts.no_engine)
     return 0

@@ -47,9 +47,10 @@ import random
 import sys
 import time
 
-from app.args import AppArgs
+from app.args import APP_NAME, AppArgs
+from bench.harness import LocalApp, app_args, is_idle, logger, percentiles, replica_memory_mb
+from model.nn.config import GPT2_VOCAB_SIZE
 
-APP_NAME = "gptj"
 KIND_WEIGHTS = {"stream": 40, "complete": 25, "saxml": 15, "disconnect": 10, "invalid": 10}
 INVALID_BODIES = [  # (what, raw body): each must be refused with a 4xx
     ("bad JSON", b'{"model": "m", "prompt": '),
@@ -61,50 +62,7 @@ INVALID_BODIES = [  # (what, raw body): each must be refused with a 4xx
 ]
 
 
-def log(msg: str) -> None:
-    print(f"[bench.soak] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Serve replica processes and their memory
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaProcess:
-    """One live Serve replica actor of an application."""
-
-    deployment: str
-    replica_id: str  # Serve's unique id of the replica (what the Replica's stats() reports)
-    actor_name: str  # its named actor, in Ray's "serve" namespace (ray.get_actor(name, namespace="serve"))
-    pid: int
-
-
-def serve_replicas(app_name: str) -> list[ReplicaProcess]:
-    """The live replica actors of `app_name`, from the GCS actor table: works without Ray's
-    dashboard, in any process connected to the cluster (`ray.init(address=...)`)."""
-    from ray._private import state
-
-    prefix = f"SERVE_REPLICA::{app_name}#"
-    found = []
-    for info in state.actors(actor_state_name="ALIVE").values():
-        name = info["Name"]
-        if name.startswith(prefix):
-            deployment, replica_id = name[len(prefix):].split("#", 1)
-            found.append(ReplicaProcess(deployment, replica_id, name, info["Pid"]))
-    return sorted(found, key=lambda p: (p.deployment, p.replica_id))
-
-
-def replica_memory_mb(app_name: str) -> dict[str, float]:
-    """Resident set size of the app's replica processes on this host, summed per deployment (MB)."""
-    import psutil
-
-    memory: dict[str, float] = collections.defaultdict(float)
-    for p in serve_replicas(app_name):
-        try:
-            memory[p.deployment] += psutil.Process(p.pid).memory_info().rss / 2**20
-        except psutil.Error:  # another host's pid, or it just exited
-            continue
-    return {k: round(v, 1) for k, v in sorted(memory.items())}
+log = logger("bench.soak")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,14 +77,6 @@ class Result:
     ttft_s: float | None = None
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    from bench.serve import percentile
-
-    out = {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
-    out["max"] = max(values) if values else None
-    return {k: None if v is None else round(v, 4) for k, v in out.items()}
-
-
 class Load:
     """Builds and sends the requests of one soak run (see the module docstring)."""
 
@@ -139,7 +89,7 @@ class Load:
         self.max_new = 32
 
     def prompt_ids(self) -> list[int]:
-        return [self.rng.randrange(50257) for _ in range(self.rng.randint(1, self.max_prompt))]
+        return [self.rng.randrange(GPT2_VOCAB_SIZE) for _ in range(self.rng.randint(1, self.max_prompt))]
 
     def plan(self, kind: str) -> tuple[str, bytes | dict, int]:
         """(path, body, tokens expected per choice in total) for one request of `kind`."""
@@ -260,11 +210,6 @@ def app_stats(url: str, headers: dict[str, str]) -> dict:
     return httpx.get(f"{url}/v1/stats", headers=headers, timeout=30).json()
 
 
-def is_idle(stats: dict) -> bool:
-    replicas_idle = all(r["active_slots"] == 0 and r["waiting"] == 0 for r in stats["replicas"])
-    return stats["batcher"]["held"] == 0 and replicas_idle
-
-
 def wait_idle(url: str, headers: dict[str, str], timeout_s: float = 60) -> tuple[bool, dict]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -338,8 +283,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from bench.serve import LocalApp, app_args
-
     opts = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     args = app_args(opts.config, opts.args)
@@ -350,7 +293,7 @@ def main(argv=None) -> int:
             ray.init(address=opts.ray_address)
         row = soak(opts.url.rstrip("/"), args, opts, opts.app_name, ray.is_initialized())
     else:
-        with LocalApp() as app:
+        with LocalApp(log) as app:
             app.deploy(args)
             row = soak(app.url, args, opts, APP_NAME, True)
     text = json.dumps(row)

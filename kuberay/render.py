@@ -34,6 +34,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from app.args import APP_NAME
+
 KUBERAY_DIR = Path(__file__).resolve().parent
 REPO_ROOT = KUBERAY_DIR.parent
 SERVE_CONFIG = REPO_ROOT / "serve_config.yaml"
@@ -41,7 +43,6 @@ MANIFESTS = KUBERAY_DIR / "manifests"
 RENDERED = KUBERAY_DIR / "rendered"
 OVERLAYS = ("gke-tpu", "cpu")
 
-APP_NAME = "gptj"
 APP_IMPORT_PATH = "app.builder:build_app"
 SERVE_OVERRIDES = "serve-overrides.yaml"
 SERVE_CONFIG_PATCH = "serve-config.patch.yaml"

@@ -34,13 +34,12 @@ from typing import Iterable, Iterator
 
 import httpx
 
-from app.args import AppArgs
-from bench.serve import free_port
+from app.args import APP_NAME, AppArgs
+from bench.harness import free_port
 from model.nn.config import GPTJConfig
 from tests.helpers import HFCheckpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-APP_NAME = "gptj"
 MODEL_NAME = "gptj-test"
 # Tiny shapes, GPT-2's whole (padded) vocabulary, a 256-position context.
 APP_MODEL_CONFIG = GPTJConfig(vocab_size=50400, n_positions=256, d_model=64, n_layers=2, n_heads=4, rotary_dim=8, d_ff=192)

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from bench.serve import free_port
+from bench.harness import free_port
 from kuberay import render
 
 WORKER_GROUP = "tpu-v5e-2x2"

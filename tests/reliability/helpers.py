@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.args import AppArgs
-from bench.soak import ReplicaProcess, serve_replicas
+from bench.harness import ReplicaProcess, serve_replicas
 from tests.cluster import sse_payloads
 
 

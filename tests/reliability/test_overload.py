@@ -19,7 +19,7 @@ import time
 import httpx
 from ray import serve
 
-from bench.soak import replica_memory_mb
+from bench.harness import replica_memory_mb
 from tests.cluster import APP_NAME, MODEL_NAME, wait_until_idle
 from tests.reliability.helpers import figures
 
