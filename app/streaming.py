@@ -21,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 from app.completions import CompletionAssembler
 from app.errors import as_serve_error, chunk_error, error_body
 from app.protocol import Chunk, ServeError
+
+if TYPE_CHECKING:
+    from app.metrics import IngressMetrics
 
 
 class ChunkStream(Protocol):
@@ -41,8 +44,8 @@ class ChunkStream(Protocol):
 class Timing:
     """Time to first token of a request, and time per output token of each of its choices."""
 
-    def __init__(self, arrived: float, metrics, api_name: str):
-        """`arrived`: the request's `time.perf_counter()`; `metrics`: app.metrics.IngressMetrics."""
+    def __init__(self, arrived: float, metrics: IngressMetrics, api_name: str):
+        """`arrived`: the request's `time.perf_counter()`; `api_name` tags the metrics."""
         self._arrived = arrived
         self._metrics = metrics
         self._tags = {"api": api_name}
