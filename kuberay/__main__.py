@@ -24,9 +24,9 @@ from kuberay.cluster import (Cluster, DeployError, api_message, apply_requests, 
                              wait_until_ready)
 
 
-def _rendered(args: argparse.Namespace) -> render.Rendered:
-    extra_args = {"checkpoint": args.checkpoint} if getattr(args, "checkpoint", None) else None
-    return render.render_overlay(args.overlay, args=extra_args, image=getattr(args, "image", None))
+def _rendered(overlay: str, checkpoint: str | None = None, image: str | None = None) -> render.Rendered:
+    """The overlay's objects; `checkpoint` and `image` (render --stdout and apply take them) fill its placeholders."""
+    return render.render_overlay(overlay, args={"checkpoint": checkpoint} if checkpoint else None, image=image)
 
 
 def _rayservice(rendered: render.Rendered) -> dict:
@@ -45,7 +45,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.stdout:
         if len(overlays) != 1:
             raise DeployError("--stdout prints one overlay: pass --overlay gke-tpu or --overlay cpu")
-        sys.stdout.write(_rendered(args).manifest_text)
+        sys.stdout.write(_rendered(args.overlay, args.checkpoint, args.image).manifest_text)
         return 0
     if args.check:
         drift = [path for overlay in overlays for path in render.drifted(overlay)]
@@ -61,7 +61,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    rendered = _rendered(args)
+    rendered = _rendered(args.overlay, args.checkpoint, args.image)
     placeholders = render.find_placeholders(rendered.objects)
     if args.dry_run:
         for message in placeholders:
@@ -102,7 +102,7 @@ def _wait_deleted(cluster: Cluster, kind: str, name: str, namespace: str, timeou
 
 def cmd_status(args: argparse.Namespace) -> int:
     cluster, namespace = _connect(args)
-    current = cluster.rayservice_status(_rayservice(_rendered(args))["metadata"]["name"], namespace)
+    current = cluster.rayservice_status(_rayservice(_rendered(args.overlay))["metadata"]["name"], namespace)
     verdict = status_mod.readiness(current, render.APP_NAME)
     if args.json:
         print(json.dumps({**status_mod.status_dict(current), "ready": verdict.ready, "reason": verdict.reason},
@@ -115,7 +115,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     cluster, namespace = _connect(args)
-    name = _rayservice(_rendered(args))["metadata"]["name"]
+    name = _rayservice(_rendered(args.overlay))["metadata"]["name"]
     wait_until_ready(lambda: cluster.rayservice_status(name, namespace), render.APP_NAME, args.timeout,
                      poll_s=args.interval)
     return 0
@@ -123,7 +123,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_endpoint(args: argparse.Namespace) -> int:
     cluster, namespace = _connect(args)
-    rendered = _rendered(args)
+    rendered = _rendered(args.overlay)
     gateway = next((o for o in rendered.objects if o["kind"] == "Gateway"), None)
     if gateway is None:
         name = _rayservice(rendered)["metadata"]["name"]
@@ -143,7 +143,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     cluster, namespace = _connect(args)
-    for request in delete_requests(_rendered(args).objects, namespace):
+    for request in delete_requests(_rendered(args.overlay).objects, namespace):
         gone = cluster.delete(request)
         print(f"{'deleted' if gone else 'already absent'}: {request.kind} {namespace}/{request.name}")
     return 0
