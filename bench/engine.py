@@ -3,13 +3,15 @@ same weights, same device, same run.
 
     python -m bench.engine --checkpoint PATH_OR_PRESET --batch-sizes 1,8,32 --prompt-len 128 \\
         --new-tokens 64 [--dtype float32|bfloat16] [--quantize int8] [--kv-cache-dtype int8] \\
-        [--compare-hf] [--mesh N] [--repeats R] --json
+        [--compare-hf] [--mesh N] [--repeats R] [--json]
 
-Prints one JSON object per line for each (system, batch):
+One row for each (system, batch), printed as it is measured: with --json one JSON object per line
+(what scripts read: bench/gpu.sh, bench.roofline, bench.plot_engine), else a line of a table:
     {"system": "engine"|"hf", "batch": B, "prompt_len": P, "new_tokens": N,
      "out_tok_s": ..., "ms_per_step": ..., "prefill_ms": ...}
 engine rows also carry "dtype", "quantize" and "kv_cache_dtype"; hf always runs unquantized weights
-(with --quantize it runs the float weights the engine quantized).
+(with --quantize it runs the float weights, and the engine the same checkpoint loaded with
+`quantize="int8"`, as the server's replica loads it).
 timed after warm-up (best of --repeats runs). out_tok_s = B*N / (wall time of the whole generation,
 prefill included); prefill_ms is the prompt pass alone; ms_per_step = (total - prefill) / (N - 1).
 The engine runs through its driver (the same loop a server runs: host sync, per-token bookkeeping,
@@ -21,14 +23,17 @@ Progress goes to stderr; results to stdout.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 
+from bench.harness import logger
+from model.nn.config import GPT2_VOCAB_SIZE
 
-def log(msg: str) -> None:
-    print(f"[bench.engine] {msg}", file=sys.stderr, flush=True)
+log = logger("bench.engine")
+# The table's columns (without --json): every key a row can have, in this order.
+COLUMNS = ("system", "batch", "prompt_len", "new_tokens", "out_tok_s", "ms_per_step", "prefill_ms", "dtype",
+           "quantize", "kv_cache_dtype")
 
 
 def parse_args(argv=None):
@@ -43,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--compare-hf", action="store_true", help="also run transformers on the same weights")
     p.add_argument("--mesh", type=int, default=1, choices=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=2, help="timed runs per point; the best is reported")
-    p.add_argument("--json", action="store_true", help="JSON lines on stdout (the default output form too)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row on stdout (default: a table)")
     args = p.parse_args(argv)
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
@@ -60,21 +65,22 @@ def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> li
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return rng.integers(0, min(vocab, 50257), (batch, prompt_len)).tolist()
+    return rng.integers(0, min(vocab, GPT2_VOCAB_SIZE), (batch, prompt_len)).tolist()
 
 
 def bench_engine(loaded, mesh, batch: int, prompt_len: int, new_tokens: int, repeats: int,
                  kv_cache_dtype: str = "auto") -> dict:
     import jax
 
-    from model.serving.driver import Driver, Request
-    from model.engine.dense import Engine, EngineConfig
+    from model.engine.dense import DenseEngine, EngineConfig
     from model.engine.sampling import SamplingParams
+    from model.serving.driver import Driver
+    from model.serving.request import Request
     from model.text.tokenizer import Tokenizer
 
     config = EngineConfig(prompt_buckets=(prompt_len,), batch_buckets=(batch,), slots=batch,
                           max_cache_len=prompt_len + new_tokens, kv_cache_dtype=kv_cache_dtype)
-    engine = Engine(loaded.weights, loaded.cfg, config, mesh)
+    engine = DenseEngine(loaded.weights, loaded.cfg, config, mesh)
     log(f"engine batch {batch}: warm-up")
     engine.warmup(progress=False)
     log(f"engine batch {batch}: warm-up took {engine.warmup_seconds:.1f}s")
@@ -167,6 +173,25 @@ def bench_hf(model, device, vocab: int, batch: int, prompt_len: int, new_tokens:
     return summarize("hf", batch, prompt_len, new_tokens, min(totals), min(prefill_s))
 
 
+class Printer:
+    """Prints each row as it is measured: one JSON object per line, or one line of a table (the
+    header before the first row; a key a row lacks, such as an hf row's dtype, shows as "-")."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.widths = {c: max(len(c), 9) for c in COLUMNS}
+        self.header_done = False
+
+    def __call__(self, row: dict) -> None:
+        if self.as_json:
+            print(json.dumps(row), flush=True)
+            return
+        if not self.header_done:
+            print("  ".join(f"{c:>{w}}" for c, w in self.widths.items()), flush=True)
+            self.header_done = True
+        print("  ".join(f"{str(row.get(c, '-')):>{w}}" for c, w in self.widths.items()), flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from model.nn.sharding import ensure_host_devices
@@ -179,28 +204,29 @@ def main(argv=None) -> int:
 
     log(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     mesh = make_mesh(args.mesh)
-    loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    emit = Printer(args.json)
+    # transformers needs the float weights; without it the engine's are quantized at load, as the replica does
+    loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype,
+                             quantize=None if args.compare_hf else args.quantize)
     if args.prompt_len + args.new_tokens > loaded.cfg.n_positions:
         log(f"error: prompt-len + new-tokens exceeds the model's {loaded.cfg.n_positions} positions")
         return 2
-    hf = hf_model(loaded, args.dtype) if args.compare_hf else None  # from the float weights
-    engine_weights = loaded
-    if args.quantize:
-        from model.nn.transformer import quantize_weights
-
-        engine_weights = dataclasses.replace(loaded, weights=jax.jit(quantize_weights)(loaded.weights), quantization="int8")
-        del loaded
+    hf = None
+    if args.compare_hf:
+        hf = hf_model(loaded, args.dtype)  # from the float weights
+        if args.quantize:  # the same checkpoint again, quantized by the loader (torch holds its own copy)
+            del loaded
+            loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     for batch in args.batch_sizes:
-        row = bench_engine(engine_weights, mesh, batch, args.prompt_len, args.new_tokens, args.repeats,
-                           args.kv_cache_dtype)
+        row = bench_engine(loaded, mesh, batch, args.prompt_len, args.new_tokens, args.repeats, args.kv_cache_dtype)
         row |= {"dtype": args.dtype, "quantize": args.quantize or "none", "kv_cache_dtype": args.kv_cache_dtype}
-        print(json.dumps(row), flush=True)
+        emit(row)
     if hf is not None:
-        del engine_weights  # free device memory for the torch runs
+        del loaded  # free device memory for the torch runs
         model, device = hf
         for batch in args.batch_sizes:
-            print(json.dumps(bench_hf(model, device, model.nn.config.vocab_size, batch, args.prompt_len,
-                                      args.new_tokens, args.repeats)), flush=True)
+            emit(bench_hf(model, device, model.config.vocab_size, batch, args.prompt_len, args.new_tokens,
+                          args.repeats))
     return 0
 
 

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import jax, torch, transformers; print("jax", jax.__version__, "torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/device.txt"
 
 common=(--checkpoint gptj-6b --dtype bfloat16 --prompt-len 512 --new-tokens 128 --repeats 2 --json)
-# bf16: engine at batch 1, 16, 64 and transformers at 1 and 64 (the 6x goal is at batch 64)
+# bf16: engine and transformers (--compare-hf) each at batch 1, 16 and 64 (the 6x goal is at batch 64)
 timeout 330 python3 -m bench.engine "${common[@]}" --batch-sizes 1,16,64 --compare-hf | tee "$OUT/engine_bf16.jsonl"
 # int8 weights: the 1.6x (batch 1) and 1.3x (batch 16) goals against the bf16 rows above
 timeout 150 python3 -m bench.engine "${common[@]}" --batch-sizes 1,16 --quantize int8 | tee "$OUT/engine_int8.jsonl"

@@ -31,3 +31,15 @@ def test_bad_batch_sizes_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench_engine.main(["--checkpoint", "tiny", "--batch-sizes", "1,x"])
     assert "--batch-sizes must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_without_json_the_same_rows_as_a_table(capsys):
+    engine_row = {"system": "engine", "batch": 2, "prompt_len": 8, "new_tokens": 4, "out_tok_s": 1230.83,
+                  "ms_per_step": 1.63, "prefill_ms": 1.61, "dtype": "float32", "quantize": "int8", "kv_cache_dtype": "auto"}
+    hf_row = {k: engine_row[k] for k in KEYS} | {"system": "hf"}
+    emit = bench_engine.Printer(as_json=False)
+    emit(engine_row)
+    emit(hf_row)
+    header, *lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert header == list(bench_engine.COLUMNS)
+    assert lines == [[str(engine_row[c]) for c in header], [str(hf_row.get(c, "-")) for c in header]]
