@@ -47,7 +47,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from app.args import AppArgs
 from app.metrics import BatcherMetrics
-from app.protocol import Chunk, EngineRequest, ModelInfo, describe
+from app.protocol import Chunk, describe
+from model.engine.buckets import smallest_fitting
+from model.serving.request import Limits, Request
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,7 +58,7 @@ logger = logging.getLogger("ray.serve")
 class _Pending:
     """One request in the batcher: its chunk queue and the batch it joined."""
 
-    request: EngineRequest
+    request: Request
     chunks: asyncio.Queue[Chunk] = dataclasses.field(default_factory=asyncio.Queue)
     batch: "_Batch | None" = None
     done: bool = False  # its last chunk went out, or its client left
@@ -86,7 +88,7 @@ class Batcher:
         self._counts = collections.Counter(batches=0, batched_requests=0, rejected=0)
         self._metrics = BatcherMetrics()
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         """Stream one request's chunks; a single `overloaded` error chunk when `max_pending_requests`
         are held already."""
         if self._held >= self._args.max_pending_requests:
@@ -114,8 +116,9 @@ class Batcher:
     # -- batch formation --------------------------------------------------------------------------
 
     def _bucket(self, prompt_len: int) -> int:
-        # A prompt longer than every bucket was refused by the ingress; the replica would refuse it too.
-        return next((b for b in self._args.prompt_buckets if prompt_len <= b), self._args.prompt_buckets[-1])
+        """The engine's bucket selection (a prompt longer than every bucket was refused by the ingress;
+        the replica would refuse it too)."""
+        return smallest_fitting(prompt_len, self._args.prompt_buckets) or self._args.prompt_buckets[-1]
 
     def _enqueue(self, pending: _Pending) -> None:
         bucket = self._bucket(len(pending.request.prompt_ids))
@@ -209,8 +212,8 @@ class Batcher:
 
     # -- introspection ------------------------------------------------------------------------------
 
-    async def info(self) -> ModelInfo:
-        """The model's limits, from a warm replica (waits for one)."""
+    async def info(self) -> Limits:
+        """The engine's limits, from a warm replica (waits for one)."""
         return await self._replica.info.remote()
 
     async def stats(self) -> dict:

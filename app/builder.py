@@ -1,4 +1,4 @@
-"""The application builder: the one place the deployment graph is bound.
+"""The application builder: the one place the deployment graph is bound (`bind_app`).
 
     serve run serve_config.yaml                  (import_path: app.builder:build_app; `args:` is AppArgs)
     serve.run(build_app(AppArgs(...)), name="gptj", route_prefix="/")
@@ -20,12 +20,12 @@ config's `ray_actor_options` replaces these dicts whole):
 No `from __future__ import annotations` here: Serve reads `build_app`'s annotation to validate `args`.
 """
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from app.args import AppArgs
 from app.batcher import Batcher
 from app.ingress import Ingress
-from app.replica import Replica
+from app.replica import DriverFactory, Replica, load_driver
 
 CONTROL_CALLS = 16  # headroom over the request limit for readiness, stats and cancel calls
 CPU_ONLY = {"num_cpus": 0, "runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}}
@@ -40,8 +40,16 @@ def replica_actor_options(args: AppArgs) -> dict:
 
 def build_app(args: AppArgs) -> Application:
     """Bind Ingress -> Batcher -> Replica for `args` (Serve validates a config's `args:` into AppArgs)."""
+    return bind_app(args)
+
+
+def bind_app(args: AppArgs, replica: Deployment = Replica, driver_factory: DriverFactory = load_driver) -> Application:
+    """The graph with a given model deployment and driver factory: tests bind a fault-injecting replica
+    class (tests/reliability/faulty.py) or a driver over the mock engine (tests/mock_driver.py)."""
     limit = args.max_pending_requests + CONTROL_CALLS
-    replica = Replica.options(ray_actor_options=replica_actor_options(args), max_ongoing_requests=limit).bind(args)
+    replica = replica.options(ray_actor_options=replica_actor_options(args), max_ongoing_requests=limit).bind(
+        args, driver_factory
+    )
     batcher = Batcher.options(ray_actor_options=CPU_ONLY, max_ongoing_requests=limit).bind(replica, args)
     return Ingress.options(
         ray_actor_options=CPU_ONLY,

@@ -24,13 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.serving.request import Limits, Request
-
-# Transitional: app.batcher and app.replica still import these two names; they go once those
-# modules use model.serving.request's `Request` and `Limits` by their own names.
-EngineRequest = Request
-ModelInfo = Limits
-
 
 @dataclasses.dataclass
 class Chunk:

@@ -1,7 +1,9 @@
 """The model replica: holds the weights and the engine, runs the continuous-batching loop.
 
-Lifecycle. `__init__` runs `load_driver` on a worker thread: it loads the checkpoint onto the mesh,
-builds the engine and compiles every shape (`Engine.warmup`); then the driver's stepping thread starts.
+Lifecycle. `__init__` runs its `driver_factory` (by default `load_driver`) on a worker thread: it
+loads the checkpoint onto the mesh, builds the engine and compiles every shape (`Engine.warmup`); then
+the driver's stepping thread starts. Tests pass another factory (a driver over the mock engine,
+model/engine/mock.py) to test serving behaviour without a model.
 Serve sends no request and counts no health check until `__init__` returns, so the replica is healthy
 (and the ingress's readiness route answers 200) only once it is warm. JAX is first imported there,
 from `__init__`, and nowhere else in the app: the ingress and batcher never touch an accelerator.
@@ -43,10 +45,15 @@ from ray import serve
 from app.args import AppArgs
 from app.autoscaling import HELD_REQUESTS
 from app.metrics import ReplicaMetrics
-from app.protocol import Chunk, EngineRequest, ModelInfo
+from app.protocol import Chunk
+from model.engine.buckets import fit_prompt_buckets
+from model.serving.request import Limits, Request, RequestRejected
 
 if TYPE_CHECKING:
-    from model.serving.driver import Driver, Output
+    from model.serving.driver import Driver
+    from model.serving.output import Output
+
+DriverFactory = Callable[[AppArgs, Callable[[int, list[float]], None]], "Driver"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,17 +71,15 @@ def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | 
     ensure_host_devices(args.mesh)
     os.environ["OMP_NUM_THREADS"] = str(args.replica_threads or os.cpu_count())
 
-    from model.ckpt import checkpoint
-    from model.serving.driver import Driver
-    from model.engine.dense import Engine, EngineConfig
+    from model import ckpt
+    from model.engine.dense import DenseEngine, EngineConfig
     from model.nn.sharding import make_mesh
-    from model.text.tokenizer import Tokenizer
+    from model.serving.driver import Driver
 
     start = time.perf_counter()
     mesh = make_mesh(args.mesh)
     quantize = None if args.quantize == "none" else args.quantize
-    loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=quantize, progress=False)
-    local_dir = None if args.checkpoint in checkpoint.PRESETS else checkpoint.resolve(args.checkpoint)
+    loaded = ckpt.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=quantize, progress=False)
     cache_len = args.max_cache_len or loaded.cfg.n_positions
     prompt_buckets = fit_prompt_buckets(args.prompt_buckets, cache_len)
     if prompt_buckets != tuple(args.prompt_buckets):
@@ -84,19 +89,11 @@ def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | 
         prompt_buckets=prompt_buckets, batch_buckets=tuple(args.prefill_batch_buckets), slots=args.slots,
         max_cache_len=args.max_cache_len, kv_cache_dtype=args.kv_cache_dtype,
     )
-    engine = Engine(loaded.weights, loaded.cfg, config, mesh)
+    engine = DenseEngine(loaded.weights, loaded.cfg, config, mesh)
     engine.warmup()
     logger.info(f"engine ready: {args.checkpoint} ({loaded.source}) on {args.mesh} device(s), "
                 f"warm-up {engine.warmup_seconds:.1f}s, total {time.perf_counter() - start:.1f}s")
-    return Driver(engine, Tokenizer.for_checkpoint(local_dir), on_prefill=on_prefill)
-
-
-def fit_prompt_buckets(buckets: tuple[int, ...], cache_len: int) -> tuple[int, ...]:
-    """The prompt buckets that fit the cache, plus one of the cache's length in place of those that do
-    not: the checkpoint's context (n_positions) is known only once it is loaded, and a small
-    checkpoint should still serve with the default buckets."""
-    fitting = tuple(b for b in buckets if b <= cache_len)
-    return fitting if len(fitting) == len(buckets) else fitting + (cache_len,)
+    return Driver(engine, ckpt.tokenizer_for(args.checkpoint), on_prefill=on_prefill)
 
 
 def _actor_alive(name: str) -> bool:
@@ -194,25 +191,23 @@ class _ChunkBuffer:
 class Replica:
     """One engine on one mesh (a TPU v5e host on GKE, the CPU locally). See the module docstring."""
 
-    async def __init__(self, args: AppArgs):
+    async def __init__(self, args: AppArgs, driver_factory: DriverFactory = load_driver):
         self._args = args
         self._open: set[str] = set()  # request ids this replica is generating
         self._by_caller: dict[str, set[str]] = {}  # batcher replica (actor name) -> its open request ids
         self._early_cancels: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancelled_slots = 0  # requests the driver stopped because we cancelled them
         self._metrics = ReplicaMetrics()
-        self._driver = await asyncio.to_thread(load_driver, args, self._on_prefill)
+        self._driver = await asyncio.to_thread(driver_factory, args, self._on_prefill)
         self._driver.start()
         self._gauges = asyncio.get_running_loop().create_task(self._update_gauges())
         self._orphan_reaper = asyncio.get_running_loop().create_task(self._cancel_orphans())
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def generate(self, batch: list[EngineRequest], caller: str | None = None) -> AsyncIterator[list[Chunk]]:
+    async def generate(self, batch: list[Request], caller: str | None = None) -> AsyncIterator[list[Chunk]]:
         """Generate a prefill batch; yields lists of chunks until every request in it has finished.
         `caller` is the calling batcher's actor name (its requests are cancelled if it dies)."""
-        from model.engine.dense import RequestRejected
-
         bridge = _OutputBridge(asyncio.get_running_loop())
 
         def deliver(out: "Output") -> None:  # on the driver thread: must never raise
@@ -228,7 +223,8 @@ class Replica:
             try:
                 self._driver.validate(request)
             except RequestRejected as e:
-                rejected.append(Chunk(request.request_id, finish_reason="error", error=str(e), error_status=400))
+                rejected.append(Chunk(request.request_id, finish_reason="error", error=str(e), error_status=400,
+                                      error_param=e.param))
                 continue
             items.append((request, deliver))
         try:
@@ -277,12 +273,9 @@ class Replica:
 
     # -- introspection ----------------------------------------------------------------------------
 
-    def info(self) -> ModelInfo:
-        engine = self._driver.engine
-        return ModelInfo(
-            vocab_size=engine.cfg.real_vocab_size, max_total_length=engine.max_total_length,
-            prompt_buckets=tuple(engine.config.prompt_buckets),
-        )
+    def info(self) -> Limits:
+        """The engine's limits, which the ingress checks every request against before sending it."""
+        return self._driver.engine.limits
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric: the requests this replica holds (decoding or waiting

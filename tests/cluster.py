@@ -20,6 +20,13 @@ concurrent requests share a prefill, a pending limit low enough to provoke overl
 what they hold (a 10,000-element stop list, 30,000-deep JSON nesting). Tests that kill or redeploy
 things deploy an application of their own.
 
+The lab application ("lab" at /lab) is the graph over the mock engine (tests/mock_driver.py) with a
+fault-injecting Replica (tests/reliability/faulty.py), for tests of serving behaviour rather than of
+the model: tokens a person can compute (a prompt ending in token t streams t+1, t+2, ...), no weights
+to load, ready in seconds, and `lab.replica.slow_down.remote(s)` / `wedge.remote()` to make
+generations long enough to interrupt or to hang the engine. Tests that need it ask for the `lab_app`
+fixture (tests/conftest.py), which (re)deploys it when it is not running.
+
 Also here: what every test of a served app reads back from it (its /v1/stats counters, whether it is
 idle, the payloads of a server-sent event stream).
 """
@@ -47,11 +54,47 @@ TEST_API_KEY_ENV = "GPTJ_TEST_API_KEY"
 TEST_API_KEY = "test-key-7f3a9c"
 
 
+LAB = "lab"
+LAB_ARGS = AppArgs(
+    model_name=MODEL_NAME, checkpoint="tiny", max_cache_len=256, prompt_buckets=(16,), prefill_batch_buckets=(1, 4),
+    slots=4, batch_max_size=4, batch_wait_ms=20, max_pending_requests=16, stall_timeout_s=2.0,
+    stream_chunk_tokens=1, stream_chunk_ms=0,
+)
+
+
 @dataclasses.dataclass
 class ServeApp:
     url: str
     args: AppArgs
     checkpoint: HFCheckpoint
+
+
+@dataclasses.dataclass
+class Lab:
+    url: str
+
+    @property
+    def replica(self):
+        """A handle to the lab's Replica deployment (fault injection, stats)."""
+        from ray import serve
+
+        return serve.get_deployment_handle("Replica", app_name=LAB)
+
+    def deploy(self, args: AppArgs = LAB_ARGS) -> None:
+        from ray import serve
+
+        from app.builder import bind_app
+        from tests.mock_driver import mock_driver
+        from tests.reliability.faulty import FaultInjectingReplica
+
+        serve.run(bind_app(args, replica=FaultInjectingReplica, driver_factory=mock_driver), name=LAB,
+                  route_prefix=f"/{LAB}")
+
+    def ensure_deployed(self) -> None:
+        from ray import serve
+
+        if LAB not in serve.status().applications:
+            self.deploy()
 
 
 def start_cluster() -> str:

@@ -64,3 +64,24 @@ def client(serve_app):
 
     with httpx.Client(base_url=serve_app.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def lab(ray_cluster):
+    """The lab application (tests/cluster.py), deleted at the end of the run if it is up."""
+    from ray import serve
+
+    from tests import cluster
+
+    lab = cluster.Lab(f"{ray_cluster}/{cluster.LAB}")
+    yield lab
+    if cluster.LAB in serve.status().applications:
+        serve.delete(cluster.LAB)
+
+
+@pytest.fixture
+def lab_app(lab):
+    """The lab app, deployed and at full speed (a previous test may have slowed it down or deleted it)."""
+    lab.ensure_deployed()
+    lab.replica.slow_down.remote(0.0).result()
+    return lab

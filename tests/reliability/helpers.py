@@ -9,24 +9,21 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from app.args import AppArgs
 from bench.harness import ReplicaProcess, serve_replicas
 from tests.cluster import sse_payloads
 
 
-def deploy(name: str, args: AppArgs, replica=None) -> None:
-    """Deploy the app built from `args` as application `name` at route prefix "/<name>", with the
-    `replica` deployment (e.g. tests.reliability.faulty.FaultInjectingReplica) in place of app.replica's."""
+def deploy(name: str, args: AppArgs, **bind) -> None:
+    """Deploy the app built from `args` as application `name` at route prefix "/<name>"; `bind` goes to
+    app.builder.bind_app (e.g. replica=tests.reliability.faulty.FaultInjectingReplica,
+    driver_factory=tests.mock_driver.mock_driver)."""
     from ray import serve
 
-    from app import builder
+    from app.builder import bind_app
 
-    with pytest.MonkeyPatch.context() as patch:
-        if replica is not None:
-            patch.setattr(builder, "Replica", replica)
-        serve.run(builder.build_app(args), name=name, route_prefix=f"/{name}")
+    serve.run(bind_app(args, **bind), name=name, route_prefix=f"/{name}")
 
 
 def figures(scenario: str, **values) -> None:

@@ -1,6 +1,6 @@
 """Cancellation: many clients that leave mid-stream at once free their slots at the next decode step.
 
-On the lab app (tests/reliability/conftest.py) each engine step is slowed to STEP_S, so a request
+On the lab app (tests/cluster.py, over the mock engine) each engine step is slowed to STEP_S, so a request
 for MAX_TOKENS tokens would hold its slot for MAX_TOKENS * STEP_S seconds. CLIENTS streams (twice
 the slots: half decode, half wait in the replica or the batcher) start together; once every slot
 streams, every client disconnects at once. The replica's counters, read through /v1/stats, must

@@ -9,7 +9,9 @@ hand, must not cut anything: a generation in flight when they start runs to its 
 (graceful_shutdown_timeout_s).
 
 Each engine step is slowed (faulty.FaultInjectingReplica.slow_down) so that generations are still
-running when the fault strikes. The tests run in file order; the last one deletes the lab app.
+running when the fault strikes. No test depends on another's having run: each asks for the lab app
+(tests/cluster.py), which is redeployed in seconds (it drives the mock engine) when a
+fault or the delete test left it gone.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import httpx
 from ray import serve
 
 from app import replica
-from tests.cluster import MODEL_NAME, wait_until_idle
+from tests.cluster import LAB, LAB_ARGS, MODEL_NAME, wait_until_idle
 from tests.reliability import faulty
-from tests.reliability.conftest import LAB, LAB_ARGS
 from tests.reliability.helpers import Stream, figures, kill, replica_of, wait_until_serving
 
 STREAM_BODY = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 200, "ignore_eos": True,
@@ -173,7 +174,7 @@ def test_redeploy_drains_the_generation_in_flight(lab_app):
 
 
 def test_delete_drains_the_generation_in_flight(lab_app):
-    """Last in the file: deletes the lab app (the session fixture redeploys it if a later test asks)."""
+    """Deletes the lab app; the next test that asks for it gets it redeployed (the `lab_app` fixture)."""
     lab_app.replica.slow_down.remote(0.04).result()
     stream, delete_s = stream_across(lab_app, lambda: serve.delete(LAB))
     assert stream.error is None and stream.done, stream.error
