@@ -5,9 +5,10 @@ from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
+from app.args import APP_NAME
 from app.autoscaling import HELD_REQUESTS, held_requests_policy
 
-DEPLOYMENT = DeploymentID(name="Replica", app_name="gptj")
+DEPLOYMENT = DeploymentID(name="Replica", app_name=APP_NAME)
 CONFIG = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=32, upscale_delay_s=0,
                            downscale_delay_s=0)
 
@@ -15,7 +16,7 @@ CONFIG = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_reques
 def context(held: list[float], batch_calls: float, config: AutoscalingConfig = CONFIG) -> AutoscalingContext:
     replicas = [ReplicaID(unique_id=f"r{i}", deployment_id=DEPLOYMENT) for i in range(len(held))]
     return AutoscalingContext(
-        deployment_id=DEPLOYMENT, deployment_name="Replica", app_name="gptj", current_num_replicas=len(held),
+        deployment_id=DEPLOYMENT, deployment_name="Replica", app_name=APP_NAME, current_num_replicas=len(held),
         target_num_replicas=len(held), running_replicas=replicas, total_num_requests=batch_calls,
         total_queued_requests=0, aggregated_metrics={HELD_REQUESTS: dict(zip(replicas, held))} if held else {},
         raw_metrics={}, capacity_adjusted_min_replicas=config.min_replicas,

@@ -6,6 +6,7 @@ sent to the wrong request shows."""
 import httpx
 import pytest
 
+from model.nn.config import GPT2_VOCAB_SIZE
 from model.text.tokenizer import Tokenizer
 from tests.cluster import MODEL_NAME, sse_payloads, wait_until_idle
 
@@ -67,7 +68,7 @@ def test_saxml_score_is_the_sum_of_the_chosen_logprobs(lab_app, tokenizer):
     last = tokenizer.encode(query)[-1]
     body = {"model": MODEL_NAME, "query": query, "extra_inputs": {"per_example_max_decode_steps": 5}}
     [[text, score]] = httpx.post(f"{lab_app.url}/generate", json=body, timeout=60).json()["generate_response"]
-    tokens = [(last + i) % 50257 for i in range(1, 6)]
+    tokens = [(last + i) % GPT2_VOCAB_SIZE for i in range(1, 6)]
     assert text == tokenizer.decode(tokens)
     assert score == pytest.approx(sum(mock_logprob(t) for t in tokens))
     idle = wait_until_idle(lab_app.url)

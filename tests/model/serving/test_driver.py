@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from model.engine.mock import MockEngine
+from model.nn.config import GPT2_VOCAB_SIZE
 from model.serving.driver import Driver
 from model.serving.request import Request, RequestRejected
 from model.text.tokenizer import Tokenizer
@@ -106,7 +107,8 @@ def test_requests_are_not_written_to(tokenizer):
     (dict(prompt_ids=list(range(65)), max_tokens=1), "prompt has 65 tokens; the longest prompt served is 64", "prompt"),
     (dict(prompt_ids=list(range(60)), max_tokens=200), "= 260 exceeds the context limit of 256", "max_tokens"),
     (dict(prompt_ids=[], max_tokens=4), "prompt is empty", "prompt"),
-    (dict(prompt_ids=[1, 50257], max_tokens=4), "token id 50257 is outside the vocabulary", "prompt"),
+    (dict(prompt_ids=[1, GPT2_VOCAB_SIZE], max_tokens=4), f"token id {GPT2_VOCAB_SIZE} is outside the vocabulary",
+     "prompt"),
     (dict(prompt_ids=[1, -3], max_tokens=4), "token id -3 is outside the vocabulary", "prompt"),
     (dict(prompt_ids=[1], max_tokens=0), "max_tokens must be a positive integer", "max_tokens"),
     (dict(prompt_ids=[1], max_tokens=4, temperature=-0.5), "temperature must be >= 0", "temperature"),

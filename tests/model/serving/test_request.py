@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from model.nn.config import GPT2_VOCAB_SIZE
 from model.serving.request import Limits, Request, RequestRejected
 
-LIMITS = Limits(vocab_size=50257, prompt_buckets=(16, 64), max_total_length=256)
+LIMITS = Limits(vocab_size=GPT2_VOCAB_SIZE, prompt_buckets=(16, 64), max_total_length=256)
 
 
 def test_prompt_checks_name_the_callers_fields():
