@@ -37,34 +37,36 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from model.ckpt import checkpoint
+    from model.ckpt import hf, native, storage
+    from model.ckpt.errors import CheckpointError
+    from model.ckpt.loading import quantization_targets, quantize_leaves
     from model.nn.transformer import Weights
 
     try:
-        src = checkpoint.resolve(args.src)
-        if checkpoint.kind(src) != "hf":
-            raise checkpoint.CheckpointError(f"{args.src} is already a native checkpoint")
-        cfg = checkpoint.read_hf_config(src)
-        store = checkpoint.open_hf_tensors(src)
-        checkpoint.check_hf_tensors(cfg, store, args.src)
-    except (checkpoint.CheckpointError, ValueError) as e:
+        src = storage.resolve(args.src)
+        if storage.checkpoint_format(src) != "hf":
+            raise CheckpointError(f"{args.src} is already a native checkpoint")
+        cfg = hf.read_hf_config(src)
+        store = hf.open_hf_tensors(src)
+        hf.check_hf_tensors(cfg, store, args.src)
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if os.path.exists(os.path.join(args.dst, checkpoint.NATIVE_MANIFEST)):
+    if os.path.exists(os.path.join(args.dst, native.NATIVE_MANIFEST)):
         print(f"error: {args.dst} already holds a native checkpoint; remove it first", file=sys.stderr)
         return 2
 
-    specs = checkpoint.leaf_names(
+    specs = native.leaf_names(
         Weights.param_specs(cfg, jnp.dtype(args.dtype), args.quantize is not None, args.quantize_lm_head))
     total_bytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
     print(f"converting {args.src} -> {args.dst}: {cfg.num_params():,} parameters, {total_bytes / 1e9:.2f} GB "
           f"({args.dtype}{', int8 weights' if args.quantize else ''})", file=sys.stderr)
     start = time.perf_counter()
-    targets = checkpoint.quantization_targets(cfg, args.quantize_lm_head) if args.quantize else {}
-    native = checkpoint.quantize_leaves(checkpoint.iter_hf_as_native(cfg, store), targets)
-    leaves = tqdm(((name, array.astype(specs[name].dtype)) for name, array in native), total=len(specs),
+    targets = quantization_targets(cfg, args.quantize_lm_head) if args.quantize else {}
+    converted = quantize_leaves(hf.iter_hf_as_native(cfg, store), targets)
+    leaves = tqdm(((name, array.astype(specs[name].dtype)) for name, array in converted), total=len(specs),
                   desc="convert", unit="tensor", file=sys.stderr, mininterval=1.0)
-    checkpoint.write_native(args.dst, cfg, leaves, specs, args.quantize, args.quantize_lm_head)
+    native.write_native(args.dst, cfg, leaves, specs, args.quantize, args.quantize_lm_head)
     print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0
 

@@ -19,8 +19,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from model.nn import sharding
 from model.nn.config import GPTJConfig
-from model.nn.quant import QuantArray, quantize_last
+from model.nn.quant import QuantArray, quantize
 from model.nn.sharding import BATCH, CACHE_SEQ, HEAD_DIM, HEADS, ParamSpec
 
 
@@ -40,10 +41,9 @@ class KVCache:
 
     @staticmethod
     def param_specs(cfg: GPTJConfig, batch: int, length: int, dtype, quantized: bool = False) -> "KVCache":
-        axes = (BATCH, HEADS, CACHE_SEQ, HEAD_DIM)
-        kv = ParamSpec((batch, cfg.n_heads, length, cfg.head_dim), dtype, axes)
-        if quantized:
-            kv = QuantArray(values=ParamSpec(kv.shape, jnp.int8, axes), scale=ParamSpec(kv.shape[:3], jnp.float32, axes[:3]))
+        kv = ParamSpec((batch, cfg.n_heads, length, cfg.head_dim), dtype, (BATCH, HEADS, CACHE_SEQ, HEAD_DIM))
+        if quantized:  # values [B, N, S, H], a scale per token and head [B, N, S]
+            kv = sharding.quantized(kv, axis=-1)
         return KVCache(
             k=(kv,) * cfg.n_layers,
             v=(kv,) * cfg.n_layers,
@@ -52,8 +52,7 @@ class KVCache:
 
     @staticmethod
     def zeros(cfg: GPTJConfig, batch: int, length: int, dtype, quantized: bool = False) -> "KVCache":
-        specs = KVCache.param_specs(cfg, batch, length, dtype, quantized)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+        return sharding.zeros(KVCache.param_specs(cfg, batch, length, dtype, quantized))
 
     @staticmethod
     def bytes_per_token(cfg: GPTJConfig, dtype, quantized: bool = False) -> int:
@@ -76,7 +75,7 @@ def write_kv(cache_leaf: jax.Array | QuantArray, new: jax.Array, start: jax.Arra
     """Write new keys or values [B, N, T, H] at per-row offsets; quantized per token and head when
     the cache is int8."""
     if isinstance(cache_leaf, QuantArray):
-        q = quantize_last(new)
+        q = quantize(new, axis=-1)  # values [B, N, T, H], scale [B, N, T]
         return QuantArray(values=write_rows(cache_leaf.values, q.values, start, axis=2),
                           scale=write_rows(cache_leaf.scale, q.scale, start, axis=2))
     return write_rows(cache_leaf, new, start, axis=2)

@@ -3,6 +3,7 @@
 Einsum legend (upper case, used in every contraction below and in transformer.py):
   B batch   T query length   S cache (key) length   D d_model   N heads   H head dim
   F d_ff    V vocab          C the stacked q/k/v axis (3)        R rotary dim
+  K the heads flattened into one axis (N*H = D), where the attention output is contracted
 
 GPT-J quirks handled here, each a named function:
 - rotary embedding on the first `rotary_dim` dims of each head only, *interleaved* (pairs
@@ -57,7 +58,8 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, rotary_dim: int) 
     return jnp.concatenate((rotated, rest), axis=-1)
 
 
-def attention(q: jax.Array, k, v, allowed: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array | quant.QuantArray, v: jax.Array | quant.QuantArray,
+              allowed: jax.Array) -> jax.Array:
     """Softmax attention. q [B, T, N, H], k and v [B, N, S, H] (arrays, or int8 QuantArrays with a
     scale per token and head [B, N, S]), allowed [B, T, S] -> [B, T, N, H] in q's dtype.
 

@@ -39,28 +39,25 @@ class QuantArray:
         return self.values.dtype
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """values * scale for a weight (its scale covers the trailing, output dims). The KV cache's
+        scales are applied inside `layers.attention` instead."""
         scale = self.scale.reshape((1,) * (self.values.ndim - self.scale.ndim) + self.scale.shape)
         return (self.values.astype(jnp.float32) * scale).astype(dtype)
 
 
-def quantize(w, n_contract: int, xp=jnp) -> QuantArray:
-    """Symmetric int8 over the first `n_contract` axes of w, one scale per remaining index.
+def quantize(x, *, axis: int | tuple[int, ...], xp=jnp) -> QuantArray:
+    """Symmetric int8 with one float32 scale per index of the axes not in `axis` (an int or a tuple,
+    as in `np.max`): values x.shape, scale x.shape without `axis`.
+
+    A weight reduces over its leading contracted axes (e.g. `axis=(0, 1)` for out [N, H, D]: a
+    scale per output channel); the KV cache over the last axis (`axis=-1`: a scale per token and
+    head, over head_dim). `axis` is keyword-only so that it never reads as a count of axes.
     `xp` is jnp (on device, inside jit) or np (on the host, while loading)."""
-    w32 = xp.asarray(w, dtype=xp.float32)
-    amax = xp.max(xp.abs(w32), axis=tuple(range(n_contract)))
+    x32 = xp.asarray(x, dtype=xp.float32)
+    amax = xp.max(xp.abs(x32), axis=axis, keepdims=True)
     scale = xp.where(amax > 0, amax / INT8_MAX, 1.0).astype(xp.float32)
-    values = xp.clip(xp.round(w32 / scale), -INT8_MAX, INT8_MAX).astype(xp.int8)
-    return QuantArray(values=values, scale=scale)
-
-
-def quantize_last(x: jax.Array) -> QuantArray:
-    """Symmetric int8 with one scale per vector along the last axis (the KV cache: a scale per
-    token and head, over head_dim). values x.shape, scale x.shape[:-1]."""
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32), axis=-1)
-    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
-    values = jnp.clip(jnp.round(x32 / scale[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    return QuantArray(values=values, scale=scale)
+    values = xp.clip(xp.round(x32 / scale), -INT8_MAX, INT8_MAX).astype(xp.int8)
+    return QuantArray(values=values, scale=xp.squeeze(scale, axis=axis))
 
 
 def merge_leading(w, n: int):
@@ -92,8 +89,3 @@ def einsum(spec: str, x: jax.Array, w) -> jax.Array:
         raise ValueError(f"einsum {spec!r}: a quantized weight's output axes must trail both w and the output")
     out = jnp.einsum(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
     return (out * w.scale).astype(x.dtype)
-
-
-def is_quant(x) -> bool:
-    return isinstance(x, QuantArray)
-

@@ -7,13 +7,20 @@ place that decides how they land on devices, so changing the parallelism never t
 The mesh has a single axis, `tp` (tensor parallel). A TPU v5e 2x2 host is a 4-device mesh: heads
 and d_ff are split 4 ways, so each chip holds a quarter of every attention and MLP matrix. On CPU
 the same code runs on virtual devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`).
+
+`ParamSpec` also names each leaf's initializer (`NORMAL`, `NEAR_ONE`, `ZEROS`), so the random
+preset weights, empty caches and checkpoint shape checks all read the one declaration; `is_spec`,
+`map_specs`, `zeros` and `quantized` are the helpers every pytree of specs goes through.
+
+Importable without JAX: model.ckpt reads ParamSpecs on the CPU ingress, so the functions that
+build meshes, shardings or arrays import JAX when called.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,18 +55,79 @@ class ShardingError(ValueError):
     """A logical axis has no rule, two axes of one array land on one mesh axis, or a shape does not divide."""
 
 
+# Initializers a ParamSpec may name (drawn by `initialize`, for the random preset weights):
+NORMAL = "normal"  # N(0, 0.02^2): embeddings, matrices and biases. Biases get this small noise
+#                    rather than exact zeros so that a preset still exercises every bias path
+#                    (bench.engine --compare-hf runs the same weights through transformers).
+NEAR_ONE = "near_one"  # 1 + N(0, 0.02^2): LayerNorm scales
+ZEROS = "zeros"  # KV caches and decode state (the default: they are buffers, not weights)
+INIT_STD = 0.02
+INITIALIZERS = (NORMAL, NEAR_ONE, ZEROS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """Shape, dtype and logical axes of one array leaf: the single declaration used for init,
-    checkpoint shape checks and sharding."""
+    """Shape, dtype, logical axes and initializer of one array leaf: the single declaration used
+    for init, checkpoint shape checks and sharding."""
 
     shape: tuple[int, ...]
     dtype: Any
     axes: tuple[str, ...]
+    init: str = ZEROS
 
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.axes):
             raise ShardingError(f"shape {self.shape} has {len(self.shape)} dims but axes {self.axes}")
+        if self.init not in INITIALIZERS:
+            raise ShardingError(f"unknown initializer {self.init!r}; known: {INITIALIZERS}")
+
+
+def is_spec(x: Any) -> bool:
+    """The `is_leaf` for pytrees of ParamSpecs: tree maps over specs stop at each ParamSpec."""
+    return isinstance(x, ParamSpec)
+
+
+def map_specs(fn: Callable[[ParamSpec], Any], specs: Any) -> Any:
+    """`fn` applied to every ParamSpec of a pytree (Weights, KVCache, decode state), same structure."""
+    import jax
+
+    return jax.tree.map(fn, specs, is_leaf=is_spec)
+
+
+def zeros(specs: Any) -> Any:
+    """Zero arrays shaped like a pytree of ParamSpecs (an empty KV cache or decode state)."""
+    import jax.numpy as jnp
+
+    return map_specs(lambda s: jnp.zeros(s.shape, s.dtype), specs)
+
+
+def initialize(spec: ParamSpec, key: Any) -> Any:
+    """A random array for one leaf, drawn as `spec.init` says (in float32, cast to `spec.dtype`)."""
+    import jax
+    import jax.numpy as jnp
+
+    if spec.init == ZEROS:
+        return jnp.zeros(spec.shape, spec.dtype)
+    noise = INIT_STD * jax.random.normal(key, spec.shape, jnp.float32)
+    return (1.0 + noise if spec.init == NEAR_ONE else noise).astype(spec.dtype)
+
+
+def quantized(spec: ParamSpec, *, axis: int | tuple[int, ...]):
+    """The specs of a float leaf stored as int8 (a `quant.QuantArray` of ParamSpecs), matching
+    `quant.quantize(x, axis=axis)`: int8 values of the full shape and axes, and float32 scales
+    without the reduced `axis` (a weight's contracted leading axes, or the KV cache's head_dim),
+    keeping the other dims' logical axes so that the scales shard with their values. An int8 leaf
+    is never drawn at random (it is the quantization of a drawn float leaf), so both keep the
+    default init."""
+    from model.nn.quant import QuantArray  # quant imports jax; this module must not at import time
+
+    axes = (axis,) if isinstance(axis, int) else axis
+    reduced = {a % len(spec.shape) for a in axes}  # -1: the last axis
+    kept = [i for i in range(len(spec.shape)) if i not in reduced]
+    return QuantArray(
+        values=ParamSpec(spec.shape, np.int8, spec.axes),
+        scale=ParamSpec(tuple(spec.shape[i] for i in kept), np.float32, tuple(spec.axes[i] for i in kept)),
+    )
 
 
 def logical_to_mesh(axes: Sequence[str], rules: Mapping[str, str | None] = LOGICAL_RULES):
@@ -107,11 +175,7 @@ def named_sharding(mesh, spec: ParamSpec, rules: Mapping[str, str | None] = LOGI
 
 def shardings(mesh, specs: Any, rules: Mapping[str, str | None] = LOGICAL_RULES) -> Any:
     """Map a pytree of ParamSpec to the matching pytree of NamedSharding."""
-    import jax
-
-    return jax.tree.map(
-        lambda s: named_sharding(mesh, s, rules), specs, is_leaf=lambda x: isinstance(x, ParamSpec)
-    )
+    return map_specs(lambda s: named_sharding(mesh, s, rules), specs)
 
 
 def ensure_host_devices(n_devices: int) -> None:

@@ -25,24 +25,17 @@ import jax.numpy as jnp
 
 from model.nn import layers
 from model.nn import quant
+from model.nn import sharding
 from model.nn.config import GPTJConfig
 from model.nn.quant import QuantArray
 from model.nn.kv_cache import KVCache, write_kv, write_rows
-from model.nn.sharding import EMBED, FF, HEAD_DIM, HEADS, QKV, VOCAB, ParamSpec
+from model.nn.sharding import EMBED, FF, HEAD_DIM, HEADS, NEAR_ONE, NORMAL, QKV, VOCAB, ParamSpec
 
 
-# Weight leaves that int8 quantization covers, with their number of leading (contracted) axes.
-QUANTIZABLE = {"qkv": 1, "out": 2, "fc_in": 1, "fc_out": 1}
-
-
-def _quantizable(spec: ParamSpec, n_contract: int, quantize: bool):
-    """A float leaf's spec, or (quantized) the specs of its int8 values and per-channel scales."""
-    if not quantize:
-        return spec
-    return QuantArray(
-        values=ParamSpec(spec.shape, jnp.int8, spec.axes),
-        scale=ParamSpec(spec.shape[n_contract:], jnp.float32, spec.axes[n_contract:]),
-    )
+# Weight leaves that int8 quantization covers, with their leading (contracted) axes: the axes each
+# int8 scale is taken over (`quant.quantize(w, axis=axes)`), leaving one scale per output channel.
+QUANTIZABLE = {"qkv": (0,), "out": (0, 1), "fc_in": (0,), "fc_out": (0,)}
+LM_HEAD_CONTRACTED = (0,)
 
 
 @flax.struct.dataclass
@@ -68,64 +61,60 @@ class Weights:
 
     @staticmethod
     def param_specs(cfg: GPTJConfig, dtype, quantize: bool = False, quantize_lm_head: bool = False) -> "Weights":
-        """Shapes, dtypes and logical axes of every leaf: the single declaration used by init,
-        checkpoint loading and sharding. Norms and biases stay float32 (they are tiny). With
+        """Shapes, dtypes, logical axes and initializers of every leaf: the single declaration used
+        by init, checkpoint loading and sharding. Norms and biases stay float32 (they are tiny). With
         `quantize`, the QUANTIZABLE matrices become int8 values + float32 per-channel scales,
         whose scales carry the logical axes of the weight's output dims (so they shard with it)."""
         d, n, h, f, v = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
         f32 = jnp.float32
         matrices = {
-            "qkv": ParamSpec((d, 3, n, h), dtype, (EMBED, QKV, HEADS, HEAD_DIM)),
-            "out": ParamSpec((n, h, d), dtype, (HEADS, HEAD_DIM, EMBED)),
-            "fc_in": ParamSpec((d, f), dtype, (EMBED, FF)),
-            "fc_out": ParamSpec((f, d), dtype, (FF, EMBED)),
+            "qkv": ParamSpec((d, 3, n, h), dtype, (EMBED, QKV, HEADS, HEAD_DIM), NORMAL),
+            "out": ParamSpec((n, h, d), dtype, (HEADS, HEAD_DIM, EMBED), NORMAL),
+            "fc_in": ParamSpec((d, f), dtype, (EMBED, FF), NORMAL),
+            "fc_out": ParamSpec((f, d), dtype, (FF, EMBED), NORMAL),
         }
+        if quantize:
+            matrices = {k: sharding.quantized(spec, axis=QUANTIZABLE[k]) for k, spec in matrices.items()}
         layer = LayerWeights(
-            ln_scale=ParamSpec((d,), f32, (EMBED,)),
-            ln_bias=ParamSpec((d,), f32, (EMBED,)),
-            fc_in_bias=ParamSpec((f,), f32, (FF,)),
-            fc_out_bias=ParamSpec((d,), f32, (EMBED,)),
-            **{k: _quantizable(spec, QUANTIZABLE[k], quantize) for k, spec in matrices.items()},
+            ln_scale=ParamSpec((d,), f32, (EMBED,), NEAR_ONE),
+            ln_bias=ParamSpec((d,), f32, (EMBED,), NORMAL),
+            fc_in_bias=ParamSpec((f,), f32, (FF,), NORMAL),
+            fc_out_bias=ParamSpec((d,), f32, (EMBED,), NORMAL),
+            **matrices,
         )
+        lm_head = ParamSpec((d, v), dtype, (EMBED, VOCAB), NORMAL)
         return Weights(
-            wte=ParamSpec((v, d), dtype, (VOCAB, EMBED)),
+            wte=ParamSpec((v, d), dtype, (VOCAB, EMBED), NORMAL),
             layers=(layer,) * cfg.n_layers,
-            ln_f_scale=ParamSpec((d,), f32, (EMBED,)),
-            ln_f_bias=ParamSpec((d,), f32, (EMBED,)),
-            lm_head=_quantizable(ParamSpec((d, v), dtype, (EMBED, VOCAB)), 1, quantize_lm_head),
-            lm_head_bias=ParamSpec((v,), f32, (VOCAB,)),
+            ln_f_scale=ParamSpec((d,), f32, (EMBED,), NEAR_ONE),
+            ln_f_bias=ParamSpec((d,), f32, (EMBED,), NORMAL),
+            lm_head=sharding.quantized(lm_head, axis=LM_HEAD_CONTRACTED) if quantize_lm_head else lm_head,
+            lm_head_bias=ParamSpec((v,), f32, (VOCAB,), NORMAL),
         )
 
 
 def quantize_weights(weights: Weights, quantize_lm_head: bool = False) -> Weights:
     """int8 per-channel post-training quantization of the QUANTIZABLE matrices (and lm_head)."""
     layers_q = tuple(
-        layer.replace(**{name: quant.quantize(getattr(layer, name), n) for name, n in QUANTIZABLE.items()})
+        layer.replace(**{name: quant.quantize(getattr(layer, name), axis=axes) for name, axes in QUANTIZABLE.items()})
         for layer in weights.layers
     )
     out = weights.replace(layers=layers_q)
-    return out.replace(lm_head=quant.quantize(out.lm_head, 1)) if quantize_lm_head else out
-
-
-def is_spec(x) -> bool:
-    return isinstance(x, ParamSpec)
+    return out.replace(lm_head=quant.quantize(out.lm_head, axis=LM_HEAD_CONTRACTED)) if quantize_lm_head else out
 
 
 def init_weights(cfg: GPTJConfig, key: jax.Array, dtype=jnp.float32, shardings=None) -> Weights:
-    """Random weights (normal, std 0.02; norms near 1): the weights behind a preset checkpoint.
+    """Random weights, each leaf drawn as its ParamSpec's `init` says (matrices, embeddings and
+    biases N(0, 0.02^2), norm scales near 1): the weights behind a preset checkpoint.
 
     Generated on device inside jit, directly into `shardings` when given, so a 6B model never
     passes through host memory."""
     specs = Weights.param_specs(cfg, dtype)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=sharding.is_spec)
 
     def build(key):
         keys = jax.random.split(key, len(leaves))
-        out = []
-        for k, spec in zip(keys, leaves):
-            noise = 0.02 * jax.random.normal(k, spec.shape, jnp.float32)
-            out.append((1.0 + noise if spec.axes == (EMBED,) and len(spec.shape) == 1 else noise).astype(spec.dtype))
-        return jax.tree.unflatten(treedef, out)
+        return jax.tree.unflatten(treedef, [sharding.initialize(spec, k) for k, spec in zip(keys, leaves)])
 
     return jax.jit(build, out_shardings=shardings)(key)
 

@@ -4,14 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.ckpt import checkpoint
+from model import ckpt
 from model.nn import transformer
 from model.nn.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")
 def loaded(hf_checkpoint):
-    return checkpoint.load(hf_checkpoint.path, progress=False)
+    return ckpt.load(hf_checkpoint.path, progress=False)
 
 
 def test_prefill_then_decode_steps_equal_full_forward(loaded):
