@@ -31,7 +31,8 @@ merged into one stream (app.streaming). The response starts only when every choi
 chunk, so a refusal (503 with Retry-After) or a rejection is still an HTTP status, never a broken
 stream. If the client disconnects, Serve cancels this request and, with it, the batcher calls it
 made; the replica frees their slots at its next step. Tokenising and detokenising: prompts are encoded
-here; the replica's driver detokenises incrementally and sends text with the token ids.
+here; the replica's driver detokenises incrementally and sends text with the token ids. Both use the
+checkpoint's tokenizer as `model.ckpt.tokenizer_for` answers it, the one rule for every layer.
 
 No `from __future__ import annotations` here: FastAPI must see the route parameters' real types.
 """
@@ -65,8 +66,8 @@ from app.schemas import (
     SaxmlGenerateResponse,
 )
 from app.streaming import Timing, merge_streams, prepend, sse_events
+from model.ckpt import tokenizer_for
 from model.serving.request import Limits, Request
-from model.text.tokenizer import Tokenizer
 
 READY_TIMEOUT_S = 5.0
 
@@ -97,16 +98,11 @@ class Ingress:
     """HTTP and handle front end (see the module docstring)."""
 
     def __init__(self, batcher: DeploymentHandle, args: AppArgs):
-        from model.ckpt import checkpoint
-
         self._batcher = batcher
         self._batcher_generate = batcher.options(method_name="generate", stream=True)
         self._args = args
         self._policy = ServerPolicy.from_args(args)
-        # The tokenizer of a local checkpoint directory, else GPT-2's (GPT-J's own; a gs:// checkpoint
-        # is mirrored only by the replica, and its tokenizer files are GPT-2's).
-        local = args.checkpoint not in checkpoint.PRESETS and not checkpoint.is_uri(args.checkpoint)
-        self._tokenizer = Tokenizer.for_checkpoint(args.checkpoint if local else None)
+        self._tokenizer = tokenizer_for(args.checkpoint)  # the replica's driver detokenises with the same
         self._limits: Limits | None = None  # the engine's, from the first warm replica that answers
         self._started = int(time.time())
         self._metrics = IngressMetrics()
