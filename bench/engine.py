@@ -126,7 +126,7 @@ def hf_model(loaded, dtype: str):
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
-    from model.ckpt import checkpoint
+    from model import ckpt
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -138,8 +138,8 @@ def hf_model(loaded, dtype: str):
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
 
-    named = {k: np.asarray(v) for k, v in checkpoint.leaf_names(loaded.weights).items()}
-    model.load_state_dict({k: to_torch(v) for k, v in checkpoint.native_to_hf(loaded.cfg, named).items()})
+    named = {k: np.asarray(v) for k, v in ckpt.leaf_names(loaded.weights).items()}
+    model.load_state_dict({k: to_torch(v) for k, v in ckpt.native_to_hf(loaded.cfg, named).items()})
     return model, device
 
 
@@ -199,15 +199,15 @@ def main(argv=None) -> int:
     ensure_host_devices(args.mesh)
     import jax
 
-    from model.ckpt import checkpoint
+    from model import ckpt
     from model.nn.sharding import make_mesh
 
     log(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     mesh = make_mesh(args.mesh)
     emit = Printer(args.json)
     # transformers needs the float weights; without it the engine's are quantized at load, as the replica does
-    loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype,
-                             quantize=None if args.compare_hf else args.quantize)
+    loaded = ckpt.load(args.checkpoint, mesh=mesh, dtype=args.dtype,
+                       quantize=None if args.compare_hf else args.quantize)
     if args.prompt_len + args.new_tokens > loaded.cfg.n_positions:
         log(f"error: prompt-len + new-tokens exceeds the model's {loaded.cfg.n_positions} positions")
         return 2
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         hf = hf_model(loaded, args.dtype)  # from the float weights
         if args.quantize:  # the same checkpoint again, quantized by the loader (torch holds its own copy)
             del loaded
-            loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
+            loaded = ckpt.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     for batch in args.batch_sizes:
         row = bench_engine(loaded, mesh, batch, args.prompt_len, args.new_tokens, args.repeats, args.kv_cache_dtype)
         row |= {"dtype": args.dtype, "quantize": args.quantize or "none", "kv_cache_dtype": args.kv_cache_dtype}

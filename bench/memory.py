@@ -22,7 +22,7 @@ import numpy as np
 def plan(cfg, mesh_size: int, hbm_gib: float, reserve_gib: float) -> list[dict]:
     import jax.numpy as jnp
 
-    from model.ckpt import checkpoint
+    from model import ckpt
     from model.nn import sharding
     from model.nn.kv_cache import KVCache
     from model.nn.transformer import Weights
@@ -31,7 +31,7 @@ def plan(cfg, mesh_size: int, hbm_gib: float, reserve_gib: float) -> list[dict]:
     rows = []
     for name, quantize, kv_int8 in [("bf16", False, False), ("int8 weights", True, False),
                                     ("int8 weights + int8 KV", True, True)]:
-        specs = checkpoint.leaf_names(Weights.param_specs(cfg, jnp.bfloat16, quantize))
+        specs = ckpt.leaf_names(Weights.param_specs(cfg, jnp.bfloat16, quantize))
         total = per_device = 0
         for spec in specs.values():
             itemsize = jnp.dtype(spec.dtype).itemsize

@@ -51,10 +51,10 @@ def main(argv=None) -> int:
 
     import jax
 
-    from model.ckpt import checkpoint
+    from model import ckpt
     from model.engine.dense import Engine, EngineConfig
 
-    loaded = checkpoint.load(args.checkpoint, dtype=args.dtype, progress=False)
+    loaded = ckpt.load(args.checkpoint, dtype=args.dtype, progress=False)
     config = EngineConfig(prompt_buckets=(128,), batch_buckets=(args.batch,), slots=args.batch, max_cache_len=192)
     engine = Engine(loaded.weights, loaded.cfg, config)
     engine.warmup(progress=False)

@@ -45,12 +45,12 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from model.ckpt import checkpoint
+    from model import ckpt
     from model.nn.config import preset
     from model.nn.transformer import Weights
 
     cfg = preset(args.checkpoint)
-    specs = checkpoint.leaf_names(Weights.param_specs(cfg, jnp.dtype(args.dtype), args.quantize is not None))
+    specs = ckpt.leaf_names(Weights.param_specs(cfg, jnp.dtype(args.dtype), args.quantize is not None))
     # a decode step reads every matrix once (the embedding table is gathered, not read whole)
     weight_bytes = sum(int(np.prod(s.shape)) * jnp.dtype(s.dtype).itemsize for n, s in specs.items() if n != "wte")
     gib = args.gib or (1.0 if jax.default_backend() == "cpu" else 8.0)

@@ -77,12 +77,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_host_devices(args.mesh)  # before jax is imported: virtual CPU devices for --mesh N
 
-    from model.ckpt import checkpoint
+    from model import ckpt
     from model.nn.config import ConfigError
     from model.serving.driver import Driver, Request
     from model.engine.dense import Engine, RequestRejected
     from model.nn.sharding import ShardingError, make_mesh
-    from model.text.tokenizer import Tokenizer
 
     try:
         if args.prompts_file:
@@ -92,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             entries = [{"prompt_ids": args.prompt_ids}]
         mesh = make_mesh(args.mesh)
-        loaded = checkpoint.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
-        local_dir = None if args.checkpoint in checkpoint.PRESETS else checkpoint.resolve(args.checkpoint)
-        tokenizer = Tokenizer.for_checkpoint(local_dir)
+        loaded = ckpt.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
+        tokenizer = ckpt.tokenizer_for(args.checkpoint)
         prompts = [e["prompt_ids"] if "prompt_ids" in e else tokenizer.encode(e["prompt"]) for e in entries]
         max_tokens = [int(e.get("max_tokens", args.max_tokens)) for e in entries]
         config = cli_engine_config(loaded.cfg, prompts, max_tokens, args.kv_cache_dtype)
