@@ -7,7 +7,7 @@ code, and nothing but the Serve port behind the Gateway.
   document stay open (probes and load balancers carry no key), and the document declares the scheme.
 - Limits: the same app sets `max_tokens_limit`, a small `max_request_bytes` and a small
   `max_pending_requests`, and each is enforced with a 4xx that names it.
-- Checkpoints: tests/model/test_checkpoint.py proves the loader's behaviour (safetensors by default;
+- Checkpoints: tests/model/ckpt/test_hf.py proves the loader's behaviour (safetensors by default;
   `pytorch_model.bin` only through `torch.load(weights_only=True)`, and a .bin that carries pickled
   code is refused: test_pytorch_bin_loads_with_weights_only, test_pickled_code_in_a_bin_is_refused).
   Here a scan of the source makes sure no other code path unpickles anything or runs remote code.
