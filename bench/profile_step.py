@@ -52,11 +52,11 @@ def main(argv=None) -> int:
     import jax
 
     from model import ckpt
-    from model.engine.dense import Engine, EngineConfig
+    from model.engine.dense import DenseEngine, EngineConfig
 
     loaded = ckpt.load(args.checkpoint, dtype=args.dtype, progress=False)
     config = EngineConfig(prompt_buckets=(128,), batch_buckets=(args.batch,), slots=args.batch, max_cache_len=192)
-    engine = Engine(loaded.weights, loaded.cfg, config)
+    engine = DenseEngine(loaded.weights, loaded.cfg, config)
     engine.warmup(progress=False)
     state = engine.init_decode_state()
     for _ in range(5):
