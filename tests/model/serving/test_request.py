@@ -1,6 +1,6 @@
 """Limits, the one validator every layer shares: messages name the field, and nothing needs JAX."""
 
-import pickle
+import copy
 import subprocess
 import sys
 
@@ -32,8 +32,9 @@ def test_prompt_bucket_is_the_smallest_that_holds_the_prompt():
     assert [LIMITS.prompt_bucket(n) for n in (1, 16, 17, 64)] == [16, 16, 64, 64]
 
 
-def test_request_rejected_keeps_its_field_across_pickling():
-    e = pickle.loads(pickle.dumps(RequestRejected("bad top_p", "top_p")))
+def test_request_rejected_keeps_its_field_when_rebuilt_from_its_reduce():
+    """Ray pickles exceptions by __reduce__ (as deepcopy does); `param` must survive it."""
+    e = copy.deepcopy(RequestRejected("bad top_p", "top_p"))
     assert str(e) == "bad top_p" and e.param == "top_p"
 
 
