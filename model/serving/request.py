@@ -47,9 +47,6 @@ class RequestRejected(ValueError):
         super().__init__(message)
         self.param = param
 
-    def __reduce__(self):  # keeps `param` across pickling (Ray actors)
-        return type(self), (str(self), self.param)
-
 
 @dataclasses.dataclass(frozen=True)
 class Limits:

@@ -33,7 +33,7 @@ def test_prompt_bucket_is_the_smallest_that_holds_the_prompt():
 
 
 def test_request_rejected_keeps_its_field_when_rebuilt_from_its_reduce():
-    """Ray pickles exceptions by __reduce__ (as deepcopy does); `param` must survive it."""
+    """Ray pickles exceptions (deepcopy takes the same path); `param` must survive it."""
     e = copy.deepcopy(RequestRejected("bad top_p", "top_p"))
     assert str(e) == "bad top_p" and e.param == "top_p"
 
