@@ -6,6 +6,7 @@ gs:// URIs, and which tokenizer goes with a checkpoint.
     storage.py  local paths, URI mirrors, the format of a directory, `tokenizer_for`
     loading.py  `load`: a checkpoint of any kind onto a mesh
     safetensors_io.py  the safetensors reader/writer (memory maps, bfloat16)
+    errors.py   CheckpointError
 
 Importable without JAX (the CPU ingress uses it): no module here imports JAX at import time; the
 functions that put weights on devices, or need the model's leaf declarations, import it."""

@@ -18,6 +18,7 @@ which imports JAX; `native_specs` imports it when called, so this module imports
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import glob
 import json
@@ -43,20 +44,20 @@ HF_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")
 # Layouts: how a native leaf and its HF tensors relate. torch Linear stores [out, in].
 
 
-class Layout:
+class Layout(abc.ABC):
     """One native leaf <-> its HF tensors (in the order the mapping names them)."""
 
+    @abc.abstractmethod
     def to_native(self, shape: Shape, *hf: np.ndarray) -> np.ndarray:
         """The native leaf of `shape`, from its HF tensors."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to_hf(self, native: np.ndarray) -> tuple[np.ndarray, ...]:
         """The HF tensors of a native leaf: the exact inverse of `to_native`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def hf_shapes(self, shape: Shape) -> tuple[Shape, ...]:
         """The shapes the HF tensors must have for a native leaf of `shape`."""
-        raise NotImplementedError
 
 
 class Same(Layout):
@@ -96,8 +97,8 @@ class FusedQKV(Layout):
         return qkv[:, 0].T, qkv[:, 1].T, qkv[:, 2].T
 
     def hf_shapes(self, shape):
-        d, heads = shape[0], math.prod(shape[2:])
-        return ((heads, d),) * 3
+        d, n_times_h = shape[0], math.prod(shape[2:])
+        return ((n_times_h, d),) * 3
 
 
 class OutProj(Layout):

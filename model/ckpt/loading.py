@@ -28,7 +28,7 @@ from model.ckpt.errors import CheckpointError
 from model.ckpt.native import leaf_names, unflatten_like
 from model.ckpt.storage import checkpoint_format, resolve
 from model.nn.config import PRESETS, GPTJConfig
-from model.nn.sharding import ParamSpec
+from model.nn.sharding import make_mesh, named_sharding, shardings
 
 PRESET_SEED = 0
 
@@ -71,8 +71,6 @@ def load(checkpoint: str, mesh=None, dtype: str | None = None, quantize: str | N
     checkpoints, the stored dtype for native ones).
     quantize: None (as stored: a native int8 checkpoint stays int8) or "int8": int8 weight-only
     quantization of qkv / out / fc_in / fc_out (and lm_head with `quantize_lm_head`) at load."""
-    from model.nn.sharding import make_mesh
-
     if quantize not in (None, "int8"):
         raise CheckpointError(f"quantize must be None or 'int8', got {quantize!r}")
     if mesh is None:
@@ -90,7 +88,6 @@ def _load_preset(cfg: GPTJConfig, mesh, dtype: str | None, quantize: str | None,
     import jax
     import jax.numpy as jnp
 
-    from model.nn.sharding import shardings
     from model.nn.transformer import Weights, init_weights, quantize_weights
 
     matrix_dtype = jnp.dtype(dtype or "float32")
@@ -116,7 +113,7 @@ def _load_hf(path: str, mesh, dtype: str | None, quantize: str | None, quantize_
     targets = quantization_targets(cfg, quantize_lm_head) if quantize else {}
     leaves = quantize_leaves(hf.iter_hf_as_native(cfg, store), targets)
     specs = Weights.param_specs(cfg, jnp.dtype(dtype or "float32"), quantize is not None, quantize_lm_head)
-    return Loaded(cfg, _gather(specs, _place(leaves, leaf_names(specs), mesh), "load", progress), "hf", quantize)
+    return Loaded(cfg, _put_on_mesh(specs, leaves, mesh, progress), "hf", quantize)
 
 
 def _load_native(ckpt: native.NativeCheckpoint, mesh, dtype: str | None, quantize: str | None,
@@ -133,22 +130,25 @@ def _load_native(ckpt: native.NativeCheckpoint, mesh, dtype: str | None, quantiz
         float_leaves = native.read_float32(ckpt, leaf_names(Weights.param_specs(cfg, matrix_dtype)))
         leaves = quantize_leaves(float_leaves, quantization_targets(cfg, quantize_lm_head))
         specs = Weights.param_specs(cfg, matrix_dtype, True, quantize_lm_head)
-        return Loaded(cfg, _gather(specs, _place(leaves, leaf_names(specs), mesh), "load", progress), "native", quantize)
+        return Loaded(cfg, _put_on_mesh(specs, leaves, mesh, progress), "native", quantize)
     specs = Weights.param_specs(cfg, matrix_dtype, ckpt.quantization is not None, ckpt.quantize_lm_head)
-    restored = native.restore(ckpt, leaf_names(specs), mesh)
-    return Loaded(cfg, _gather(specs, restored, "restore", progress), "native", ckpt.quantization)
+    weights = _gather(specs, native.restore(ckpt, leaf_names(specs), mesh), "restore", progress)
+    return Loaded(cfg, weights, "native", ckpt.quantization)
 
 
-def _place(host_leaves: Iterable[tuple[str, np.ndarray]], named_specs: dict[str, ParamSpec],
-           mesh) -> Iterator[tuple[str, Any]]:
-    """Each host leaf cast to its spec's dtype and put on `mesh` in its sharding."""
+def _put_on_mesh(specs: Any, host_leaves: Iterable[tuple[str, np.ndarray]], mesh, progress: bool) -> Any:
+    """Host leaves (already quantized as asked) into the pytree of `specs`, each cast to its spec's
+    dtype and put on `mesh` in its sharding."""
     import jax
 
-    from model.nn.sharding import named_sharding
+    named_specs = leaf_names(specs)
 
-    for name, array in host_leaves:
-        spec = named_specs[name]
-        yield name, jax.device_put(np.asarray(array).astype(spec.dtype), named_sharding(mesh, spec))
+    def placed():
+        for name, array in host_leaves:
+            spec = named_specs[name]
+            yield name, jax.device_put(np.asarray(array).astype(spec.dtype), named_sharding(mesh, spec))
+
+    return _gather(specs, placed(), "load", progress)
 
 
 def _gather(specs: Any, leaves: Iterable[tuple[str, Any]], desc: str, progress: bool) -> Any:
@@ -156,5 +156,8 @@ def _gather(specs: Any, leaves: Iterable[tuple[str, Any]], desc: str, progress: 
     from tqdm import tqdm
 
     total = len(leaf_names(specs))
-    bar = tqdm(leaves, desc=desc, total=total, unit="tensor", disable=not progress, file=sys.stderr, mininterval=1.0)
-    return unflatten_like(specs, dict(bar))
+    arrays = {}
+    for name, array in tqdm(leaves, desc=desc, total=total, unit="tensor", disable=not progress, file=sys.stderr,
+                            mininterval=1.0):
+        arrays[name] = array
+    return unflatten_like(specs, arrays)

@@ -22,7 +22,7 @@ import numpy as np
 from model.ckpt import safetensors_io
 from model.ckpt.errors import CheckpointError
 from model.nn.config import ConfigError, GPTJConfig
-from model.nn.sharding import ParamSpec, is_spec
+from model.nn.sharding import ParamSpec, is_spec, named_sharding
 
 NATIVE_MANIFEST = "gptj_native.json"
 NATIVE_WEIGHTS = "weights.safetensors"
@@ -133,8 +133,6 @@ def restore(ckpt: NativeCheckpoint, named_specs: dict[str, ParamSpec], mesh) -> 
     """Each leaf as a jax.Array sharded over `mesh`, every device reading only its own slice from
     the memory map; checked first. Imports JAX (it puts arrays on devices)."""
     import jax
-
-    from model.nn.sharding import named_sharding
 
     check_leaves(ckpt, named_specs)
     for name, spec in named_specs.items():
