@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from model import ckpt
     from model.nn.config import ConfigError
-    from model.serving.driver import Driver, Request
-    from model.engine.dense import Engine, RequestRejected
+    from model.engine.dense import DenseEngine
+    from model.serving.driver import Driver
+    from model.serving.request import Request, RequestRejected
     from model.nn.sharding import ShardingError, make_mesh
 
     try:
@@ -96,16 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [e["prompt_ids"] if "prompt_ids" in e else tokenizer.encode(e["prompt"]) for e in entries]
         max_tokens = [int(e.get("max_tokens", args.max_tokens)) for e in entries]
         config = cli_engine_config(loaded.cfg, prompts, max_tokens, args.kv_cache_dtype)
-        engine = Engine(loaded.weights, loaded.cfg, config, mesh)
+        engine = DenseEngine(loaded.weights, loaded.cfg, config, mesh)
         requests = [
             Request(prompt_ids=p, max_tokens=n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, stop_at_eos=args.stop_at_eos)
             for p, n in zip(prompts, max_tokens)
         ]
-        driver = Driver(engine, tokenizer)
-        for r in requests:
-            driver.validate(r)
-        results = driver.generate(requests)
+        results = Driver(engine, tokenizer).generate(requests)  # checks every request before running any
     except (OSError, ValueError, ConfigError, ShardingError, RequestRejected) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

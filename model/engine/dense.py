@@ -40,7 +40,7 @@ from model.nn import sharding as shard_lib
 from model.nn.config import GPTJConfig
 from model.nn.kv_cache import KVCache
 from model.engine.sampling import SamplingParams, sample
-from model.nn.sharding import BATCH, ParamSpec
+from model.nn.sharding import BATCH, ParamSpec, is_spec
 from model.nn.transformer import Weights, activation_dtype, forward, logits
 from model.serving.request import Limits
 
@@ -120,7 +120,7 @@ def _constrain(tree, specs, mesh):
         lambda x, s: jax.lax.with_sharding_constraint(x, shard_lib.named_sharding(mesh, s)),
         tree,
         specs,
-        is_leaf=lambda x: isinstance(x, ParamSpec),
+        is_leaf=is_spec,
     )
 
 
@@ -219,10 +219,7 @@ class DenseEngine(api.Engine):
     # -- the API --------------------------------------------------------------------------------
 
     def init_decode_state(self) -> DecodeState:
-        zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), self._state_specs, is_leaf=lambda x: isinstance(x, ParamSpec)
-        )
-        return jax.device_put(zeros, shard_lib.shardings(self.mesh, self._state_specs))
+        return jax.device_put(shard_lib.zeros(self._state_specs), shard_lib.shardings(self.mesh, self._state_specs))
 
     def prefill(self, prompts: Sequence[Sequence[int]], params: SamplingParams, existing_prefix=None) -> Prefix:
         """Prefill a batch of token-id prompts (padded here to buckets). `params` has one row per
