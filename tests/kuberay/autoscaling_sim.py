@@ -67,6 +67,8 @@ PROMPT = {"model": "gpt-j-6b", "prompt": "The TPU v5e is", "max_tokens": 40, "te
 def fake_node_types() -> tuple[dict, dict]:
     """(head resources, TPU worker node type) for the fake provider, from what Ray's KubeRay
     autoscaler derives from the rendered gke-tpu RayService."""
+    # Ray private APIs here and below (checked against ray 2.60, pyproject's pin): what KubeRay's
+    # autoscaler derives from the RayService, the node IP, and Serve's start on a given port.
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
     rayservice = next(o for o in render.render_overlay("gke-tpu").objects if o["kind"] == "RayService")

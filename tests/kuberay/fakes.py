@@ -10,6 +10,7 @@ import types
 
 from kubernetes.client.exceptions import ApiException
 
+from app.args import APP_NAME
 from kuberay import cluster as cluster_mod
 from kuberay import render
 from kuberay.cluster import Cluster
@@ -25,7 +26,7 @@ def condition(type_, status, reason, message, generation=1):
 
 
 def app_status(app="RUNNING", replica="HEALTHY", replica_message="", app_message=""):
-    return {"gptj": {"status": app, "message": app_message, "serveDeploymentStatuses": {
+    return {APP_NAME: {"status": app, "message": app_message, "serveDeploymentStatuses": {
         "Ingress": {"status": "HEALTHY"}, "Batcher": {"status": "HEALTHY"},
         "Replica": {"status": replica, "message": replica_message}}}}
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from app.args import APP_NAME
 from kuberay import cluster as cluster_mod
 from kuberay import render
 from kuberay import status as status_mod
@@ -67,15 +68,15 @@ def test_wait_until_ready_polls_and_times_out():
     now = [0.0]
     messages = []
     result = cluster_mod.wait_until_ready(
-        lambda: status_mod.parse_rayservice(rayservice_with_status(next(sequence))), "gptj", timeout_s=100,
+        lambda: status_mod.parse_rayservice(rayservice_with_status(next(sequence))), APP_NAME, timeout_s=100,
         poll_s=10, report=messages.append, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
-    assert result.app("gptj").status == "RUNNING" and now[0] == 20
+    assert result.app(APP_NAME).status == "RUNNING" and now[0] == 20
     assert len(messages) == 2 and messages[0].startswith("waiting: Ready=False") and messages[1].startswith("ready:")
 
     now[0] = 0.0
     with pytest.raises(DeployError, match=r"not ready after 30s.*Initializing"):
         cluster_mod.wait_until_ready(
-            lambda: status_mod.parse_rayservice(rayservice_with_status(INITIALIZING)), "gptj", timeout_s=30,
+            lambda: status_mod.parse_rayservice(rayservice_with_status(INITIALIZING)), APP_NAME, timeout_s=30,
             poll_s=10, report=lambda _: None, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
 
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from app.args import APP_NAME
 from kuberay import __main__ as cli
 from kuberay import cluster as cluster_mod
 from kuberay import render
@@ -91,7 +92,7 @@ def test_status_and_wait(use_cluster, capsys):
     assert "condition Ready=True reason=NonZeroServeEndpoints" in out and "Replica: UPSCALING" in out and "READY" in out
     assert cli.main(["status", "-n", NS, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["ready"] is True and report["apps"][0]["name"] == "gptj"
+    assert report["ready"] is True and report["apps"][0]["name"] == APP_NAME
     assert cli.main(["wait", "-n", NS, "--timeout", "1"]) == 0
 
     use_cluster(fake_cluster({("rayservices", NS, "gptj"): rayservice_with_status(TIMED_OUT)}))

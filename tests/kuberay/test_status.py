@@ -7,6 +7,7 @@ import copy
 
 import pytest
 
+from app.args import APP_NAME
 from kuberay import status as status_mod
 from tests.kuberay import schemas
 from tests.kuberay.fakes import (INITIALIZING, LEGACY_RUNNING, NS, PAYLOADS, PROGRAMMED_GATEWAY, READY, TIMED_OUT,
@@ -34,33 +35,33 @@ def test_parse_ready_rayservice():
     assert status.condition("Ready").reason == "NonZeroServeEndpoints"
     assert status.active_cluster == "gptj-raycluster-7x2kq" and status.pending_cluster is None
     assert not status.upgrading
-    app = status.app("gptj")
+    app = status.app(APP_NAME)
     assert app.status == "RUNNING"
     assert {d.name: d.status for d in app.deployments} == {"Batcher": "HEALTHY", "Ingress": "HEALTHY", "Replica": "UPSCALING"}
-    verdict = status_mod.readiness(status, "gptj")
+    verdict = status_mod.readiness(status, APP_NAME)
     assert verdict.ready and "1 serve endpoint" in verdict.reason
 
 
 def test_initializing_reports_what_serve_says():
-    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(INITIALIZING)), "gptj")
+    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(INITIALIZING)), APP_NAME)
     assert not verdict.ready and not verdict.failed
     assert "Ready=False (Initializing" in verdict.reason
 
 
 def test_initializing_timeout_is_a_failure():
-    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(TIMED_OUT)), "gptj")
+    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(TIMED_OUT)), APP_NAME)
     assert verdict.failed and "30m" in verdict.reason
 
 
 def test_stale_generation_is_not_ready():
-    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(READY, generation=2)), "gptj")
+    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(READY, generation=2)), APP_NAME)
     assert not verdict.ready and "generation 2" in verdict.reason
 
 
 def test_upgrade_in_progress_keeps_serving_from_the_active_cluster():
     status = status_mod.parse_rayservice(rayservice_with_status(UPGRADING, generation=2))
     assert status.upgrading and status.pending_cluster == "gptj-raycluster-b9d4w"
-    assert status_mod.readiness(status, "gptj").ready
+    assert status_mod.readiness(status, APP_NAME).ready
     text = status_mod.format_status(status)
     assert "pending cluster: gptj-raycluster-b9d4w" in text and "condition UpgradeInProgress=True" in text
 
@@ -70,9 +71,9 @@ def test_unhealthy_deployment_and_legacy_status():
     degraded["activeServiceStatus"]["applicationStatuses"] = app_status(
         app="DEPLOY_FAILED", replica="UNHEALTHY", replica_message="The replica's constructor raised: out of HBM",
         app_message="Failed to update the deployments ['Replica'].")
-    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(degraded)), "gptj")
+    verdict = status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(degraded)), APP_NAME)
     assert not verdict.ready and "DEPLOY_FAILED" in verdict.reason and "Replica UNHEALTHY: The replica's constructor raised" in verdict.reason
-    assert status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(LEGACY_RUNNING)), "gptj").ready
+    assert status_mod.readiness(status_mod.parse_rayservice(rayservice_with_status(LEGACY_RUNNING)), APP_NAME).ready
 
 
 def test_gateway_url():
