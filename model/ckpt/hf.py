@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from model.ckpt import safetensors_io
-from model.ckpt.errors import CheckpointError
+from model.ckpt.errors import CheckpointError, check_names_and_shapes
 from model.ckpt.native import leaf_names
 from model.nn.config import GPTJConfig
 from model.nn.sharding import ParamSpec
@@ -273,14 +273,5 @@ def read_hf_config(path: str) -> GPTJConfig:
 
 def check_hf_tensors(cfg: GPTJConfig, store: TensorStore, where: str) -> None:
     """Every expected tensor present with its shape; nothing left over but the known buffers."""
-    expected = hf_source_shapes(cfg)
-    present = {k for k in store.keys() if not k.endswith(HF_IGNORED_SUFFIXES)}
-    missing = sorted(set(expected) - present)
-    leftover = sorted(present - set(expected))
-    if missing:
-        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-    if leftover:
-        raise CheckpointError(f"{where}: {len(leftover)} unexpected tensor(s) not used by GPT-J, e.g. {leftover[:3]}")
-    for name, shape in expected.items():
-        if tuple(store.shapes[name]) != shape:
-            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(store.shapes[name])}, expected {shape}")
+    present = {k: store.shapes[k] for k in store.keys() if not k.endswith(HF_IGNORED_SUFFIXES)}
+    check_names_and_shapes(where, hf_source_shapes(cfg), present, "tensor", " not used by GPT-J")

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from model.ckpt import safetensors_io
-from model.ckpt.errors import CheckpointError
+from model.ckpt.errors import CheckpointError, check_names_and_shapes
 from model.nn.config import ConfigError, GPTJConfig
 from model.nn.sharding import ParamSpec, is_spec, named_sharding
 
@@ -109,17 +109,8 @@ def open_native(path: str) -> NativeCheckpoint:
 
 def check_leaves(ckpt: NativeCheckpoint, named_specs: dict[str, ParamSpec]) -> None:
     """Every leaf of `named_specs` stored with its shape, and nothing else stored."""
-    st = ckpt.weights
-    keys = set(st.keys())
-    missing = sorted(set(named_specs) - keys)
-    leftover = sorted(keys - set(named_specs))
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: missing {len(missing)} leaf(s), e.g. {missing[:3]}")
-    if leftover:
-        raise CheckpointError(f"{ckpt.path}: {len(leftover)} unexpected leaf(s), e.g. {leftover[:3]}")
-    for name, spec in named_specs.items():
-        if st.shape(name) != spec.shape:
-            raise CheckpointError(f"{ckpt.path}: leaf {name} has shape {st.shape(name)}, expected {spec.shape}")
+    stored = {name: ckpt.weights.shape(name) for name in ckpt.weights.keys()}
+    check_names_and_shapes(ckpt.path, {name: spec.shape for name, spec in named_specs.items()}, stored, "leaf")
 
 
 def read_float32(ckpt: NativeCheckpoint, named_specs: dict[str, ParamSpec]) -> Iterator[tuple[str, np.ndarray]]:
