@@ -28,6 +28,8 @@ import numpy as np
 BATCH = "batch"
 SEQ = "seq"  # query / prompt positions
 CACHE_SEQ = "cache_seq"  # KV cache positions
+PAGES = "pages"  # the paged KV pool's page axis (page ids are global: every chip holds every page)
+PAGE_SLOT = "page_slot"  # positions within one page
 EMBED = "embed"  # d_model
 HEADS = "heads"
 HEAD_DIM = "head_dim"
@@ -42,6 +44,8 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     BATCH: None,
     SEQ: None,
     CACHE_SEQ: None,
+    PAGES: None,
+    PAGE_SLOT: None,
     EMBED: None,
     HEADS: TP,
     HEAD_DIM: None,
