@@ -16,6 +16,7 @@ Implementations (`IMPLS`; `choose_impl` picks one per platform):
   over `cdiv(length, page*ppcb)` blocks). It converts loaded K/V to bfloat16, so float32 pools are
   computed from bfloat16 K/V. Not for int8 pools: its int8 path broadcasts the scales to a float32
   array the size of the whole pool on every call (5 bytes per element read instead of bfloat16's 2).
+  Lowers only for head_dim a multiple of 128 (GPT-J: 256; the tiny presets fall back).
 - "pallas_gpu": JAX's Pallas Triton kernel (`pallas.ops.gpu.paged_attention`), length-aware (it
   skips key splits past the length); int8 pools pass their per-token-per-head scales straight in.
   Deprecated after JAX 0.11 (its import warns; the warning is silenced here).
@@ -47,6 +48,14 @@ TPU_INT8_FALLBACK = (
     "the Pallas TPU kernel expands int8 scales to a full-pool float32 array every call "
     "(more bytes read than bfloat16 pages); int8 KV on TPU uses the reference path"
 )
+# Mosaic's block-shape rule (last dim a multiple of 128 or the whole array dim) applied to the TPU
+# kernel's [B, N, 1, 1] outputs blocked like q [B, N, 1, H]: only H % 128 == 0 lowers. Interpret
+# mode does not check it.
+TPU_HEAD_DIM_MULTIPLE = 128
+# Custom-call targets of the kernels in lowered modules (the Triton one is
+# jax.experimental.pallas.triton.CUSTOM_CALL_TARGET_NAME from JAX 0.11 on; same value in 0.10).
+TPU_CUSTOM_CALL = "tpu_custom_call"
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 # Triton kernel blocking: keys per compute block (ppcb * page) and key splits per row (the grid's
 # parallel axis over the sequence, merged by a log-sum-exp in XLA). 64 keys x H=256 keeps a K and a
 # V block of the two pipeline stages within shared memory; tune on the device.
@@ -54,14 +63,24 @@ GPU_BLOCK_KEYS = 64
 GPU_MAX_K_SPLITS = 8
 
 
-def choose_impl(platform: str, kv_int8: bool) -> tuple[str, str | None]:
+def choose_impl(platform: str, kv_int8: bool, head_dim: int | None = None) -> tuple[str, str | None]:
     """The implementation for a platform ('cpu', 'tpu', 'gpu' or 'cuda') and KV dtype, with the
-    reason when it falls back from the platform's kernel (None otherwise)."""
+    reason when it falls back from the platform's kernel (None otherwise). Given `head_dim`, TPU
+    also falls back when the kernel cannot lower it (see TPU_HEAD_DIM_MULTIPLE)."""
     if platform == "tpu":
-        return ("reference", TPU_INT8_FALLBACK) if kv_int8 else ("pallas_tpu", None)
+        if kv_int8:
+            return "reference", TPU_INT8_FALLBACK
+        if head_dim is not None and head_dim % TPU_HEAD_DIM_MULTIPLE:
+            return "reference", _tpu_head_dim_problem(head_dim)
+        return "pallas_tpu", None
     if platform in ("gpu", "cuda"):
         return "pallas_gpu", None
     return "reference", None
+
+
+def _tpu_head_dim_problem(head_dim: int) -> str:
+    return (f"the Pallas TPU kernel needs head_dim a multiple of {TPU_HEAD_DIM_MULTIPLE} (its running max and "
+            f"sum outputs [B, N, 1, 1] take q's block shape, whose last dim must then divide by 128); got {head_dim}")
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array | QuantArray, v_pages: jax.Array | QuantArray,
@@ -80,6 +99,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array | QuantArray, v_pages: jax.
         if isinstance(k_pages, QuantArray) or isinstance(v_pages, QuantArray):
             raise ValueError("pallas_tpu takes bfloat16/float32 pages only: " + TPU_INT8_FALLBACK
                              + " (choose_impl picks 'reference' for int8 KV on TPU)")
+        if q.shape[-1] % TPU_HEAD_DIM_MULTIPLE:
+            raise ValueError(_tpu_head_dim_problem(q.shape[-1]))
         kernel = _pallas_tpu(q.shape[-1], block_tables.shape[1], interpret)
     elif impl == "pallas_gpu":
         kernel = _pallas_gpu(q.shape[-1], k_pages.shape[2], block_tables.shape[1], interpret)

@@ -10,7 +10,8 @@ from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh, NamedSharding, PartitionSpec as P
 
 from model.nn import layers, quant
-from model.nn.paged_attention import IMPLS, TPU_INT8_FALLBACK, choose_impl, paged_attention
+from model.nn.paged_attention import (IMPLS, TPU_CUSTOM_CALL, TPU_INT8_FALLBACK, TRITON_CUSTOM_CALL, choose_impl,
+                                     paged_attention)
 from model.nn.quant import QuantArray
 from model.nn.sharding import TP
 
@@ -113,10 +114,14 @@ def test_pallas_tpu_interpret_equals_reference_on_bf16_rounded_kv(n_pages):
     assert float(jnp.abs(out - unrounded).max()) > 1e-4
 
 
-def test_pallas_tpu_refuses_int8_pages():
+def test_pallas_tpu_refuses_int8_pages_and_head_dims_it_cannot_lower():
     q, _, (k_pages, v_pages), lengths, block_tables = random_paged_case(
         3, batch=2, heads=2, head_dim=128, n_pages=2, lengths=[3, 20], int8=True)
     with pytest.raises(ValueError, match="expands int8 scales"):
+        paged_attention(q, k_pages, v_pages, lengths, block_tables, impl="pallas_tpu", interpret=True)
+    q, _, (k_pages, v_pages), lengths, block_tables = random_paged_case(
+        3, batch=2, heads=2, head_dim=64, n_pages=2, lengths=[3, 20])
+    with pytest.raises(ValueError, match="head_dim a multiple of 128"):
         paged_attention(q, k_pages, v_pages, lengths, block_tables, impl="pallas_tpu", interpret=True)
 
 
@@ -155,6 +160,9 @@ def test_choose_impl():
     assert choose_impl("cpu", kv_int8=True) == ("reference", None)
     assert choose_impl("tpu", kv_int8=False) == ("pallas_tpu", None)
     assert choose_impl("tpu", kv_int8=True) == ("reference", TPU_INT8_FALLBACK)
+    assert choose_impl("tpu", kv_int8=False, head_dim=256) == ("pallas_tpu", None)
+    impl, reason = choose_impl("tpu", kv_int8=False, head_dim=16)  # the tiny preset
+    assert impl == "reference" and "head_dim a multiple of 128" in reason
     for platform in ("gpu", "cuda"):
         for kv_int8 in (False, True):
             assert choose_impl(platform, kv_int8) == ("pallas_gpu", None)
@@ -172,7 +180,6 @@ def test_unknown_impl_is_refused():
 
 TPU_V5E = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-TRITON = "__gpu$xla.gpu.triton"  # jax.experimental.pallas.triton.CUSTOM_CALL_TARGET_NAME in JAX 0.11
 
 
 def abstract_args(mesh, *, batch=4, heads=8, head_dim=256, n_pool=33, n_pages=8, dtype=jnp.bfloat16, int8=False):
@@ -195,7 +202,7 @@ def test_pallas_tpu_exports_for_a_v5e_2x2_under_shard_map():
     exported = export.export(fn, platforms=("tpu",))(*abstract_args(mesh))
     text = exported.mlir_module()
     assert exported.nr_devices == 4 and "mhlo.num_partitions = 4" in text
-    assert "tpu_custom_call" in text
+    assert TPU_CUSTOM_CALL in text
 
 
 @pytest.mark.parametrize("devices", [1, 4])
@@ -207,7 +214,7 @@ def test_pallas_gpu_exports_for_cuda(devices, int8):
     fn = jax.jit(lambda *a: paged_attention(*a, impl="pallas_gpu", mesh=mesh))
     with jax.sharding.use_abstract_mesh(mesh):
         exported = export.export(fn, platforms=("cuda",),
-                                 disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(
+                                 disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(
             *abstract_args(mesh, int8=int8))
     assert exported.nr_devices == devices
-    assert TRITON in exported.mlir_module()
+    assert TRITON_CUSTOM_CALL in exported.mlir_module()
