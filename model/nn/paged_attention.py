@@ -10,8 +10,9 @@ Implementations (`IMPLS`; `choose_impl` picks one per platform):
   scores, float32-minimum mask and softmax as `layers.attention`, so it equals the dense path on the
   equivalent cache. Reads n pages per row (the caller's page-count bucket), not the whole pool. The
   CPU path, and the fallback anywhere. int8: the scales factor out of both contractions as in
-  `layers.attention`. Heads-major contractions (only q and the output are transposed, never the
-  gathered pages) measured fastest on CPU.
+  `layers.attention`. Contractions are heads-major, like the gathered pages (only q and the output
+  are transposed): on CPU as fast as gathering into [B, N, S, H], and 1.5-2x faster than contracting
+  the [N, B, S, H] pages with batch-major q.
 - "pallas_tpu": JAX's Pallas TPU kernel (`pallas.ops.tpu.paged_attention`), length-aware (it loops
   over `cdiv(length, page*ppcb)` blocks). It converts loaded K/V to bfloat16, so float32 pools are
   computed from bfloat16 K/V. Not for int8 pools: its int8 path broadcasts the scales to a float32
