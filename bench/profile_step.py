@@ -52,15 +52,20 @@ def main(argv=None) -> int:
     import jax
 
     from model import ckpt
-    from model.engine.dense import DenseEngine, EngineConfig
+    from model.engine.paged import EngineConfig, PagedEngine
+    from model.serving.pages import PagePool
 
     loaded = ckpt.load(args.checkpoint, dtype=args.dtype, progress=False)
     config = EngineConfig(prompt_buckets=(128,), batch_buckets=(args.batch,), slots=args.batch, max_cache_len=192)
-    engine = DenseEngine(loaded.weights, loaded.cfg, config)
+    engine = PagedEngine(loaded.weights, loaded.cfg, config)
     engine.warmup(progress=False)
     state = engine.init_decode_state()
+    pages = PagePool(engine.page_layout, args.batch)
+    for slot in range(args.batch):  # every slot mid-generation: 128 + 32 tokens
+        pages.allocate(slot, 161)
+        pages.lengths[slot] = 160
     for _ in range(5):
-        state, out = engine.generate(state)
+        state, out = engine.generate(state, pages)
     jax.block_until_ready(out)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model import ckpt
     from model.nn.config import ConfigError
-    from model.engine.dense import DenseEngine
+    from model.engine.paged import PagedEngine
     from model.serving.driver import Driver
     from model.serving.request import Request, RequestRejected
     from model.nn.sharding import ShardingError, make_mesh
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [e["prompt_ids"] if "prompt_ids" in e else tokenizer.encode(e["prompt"]) for e in entries]
         max_tokens = [int(e.get("max_tokens", args.max_tokens)) for e in entries]
         config = cli_engine_config(loaded.cfg, prompts, max_tokens, args.kv_cache_dtype)
-        engine = DenseEngine(loaded.weights, loaded.cfg, config, mesh)
+        engine = PagedEngine(loaded.weights, loaded.cfg, config, mesh)
         requests = [
             Request(prompt_ids=p, max_tokens=n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, stop_at_eos=args.stop_at_eos)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int], kv_cache_dtype: str = "auto"):
     """One batch, every prompt in one slot: a single prompt bucket (a power of two) that holds the
     longest prompt, and a cache just long enough for the longest prompt + max_tokens."""
-    from model.engine.dense import EngineConfig
+    from model.engine.paged import EngineConfig
 
     longest = max(len(p) for p in prompts)
     bucket = 16

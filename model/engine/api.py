@@ -3,21 +3,26 @@
 An engine owns a model on a mesh and runs it in static shapes; it knows nothing of requests, queues
 or threads (that is `model.serving`). A request's life, as a driver runs it:
 
-  1. `prefill(prompts, params)`: a batch of prompts (padded to a prompt bucket and a batch bucket)
-     runs through the model in one call: each prompt's KV cache prefix, and its first token sampled
-     with its own settings. `existing_prefix` continues a prefix already computed (chunked prefill,
-     prefix caching): the new tokens attend to it. An engine that cannot continue prefixes raises
-     NotImplementedError for it.
-  2. `insert(prefix, state, slots)`: each prefix row goes into a free decode slot of the decode state;
-     the other slots keep decoding undisturbed (continuous batching).
-  3. `generate(state)`: one decode step for every slot: each slot's next token and its logprob.
-     Repeated until the driver decides the request is done (stop token, stop string, max_tokens).
+  1. `prefill(prompts, params, steps=)`: a batch of prompts (padded to a prefill bucket and a batch
+     bucket) runs through the model in one call: each prompt's KV cache prefix, and its first token
+     sampled with its own settings at its own sampling step (0 for a new request; a request recomputed
+     after preemption continues from the tokens it had). `existing_prefix` continues a prefix already
+     computed (chunked prefill, prefix caching): the new tokens attend to it. An engine that cannot
+     continue prefixes raises NotImplementedError for it.
+  2. `insert(prefix, state, slots, pages)`: each prefix row goes into a free decode slot, its keys and
+     values into the pages the slot holds in `pages` (model.serving.pages.PagePool); the other slots
+     keep decoding undisturbed (continuous batching).
+  3. `generate(state, pages)`: one decode step for every slot: each slot's next token and its
+     logprob, its key and value written at position `pages.lengths[slot]`. Repeated until the driver
+     decides the request is done (stop token, stop string, max_tokens).
   4. `free_resource(slot)`: the request in `slot` has ended; the engine releases what it held for it
-     (a paged cache's pages). The slot is then free for the next insert.
+     beyond its pages (which the scheduler takes back). The slot is then free for the next insert.
 
 Shapes: `limits` says what a request may be (vocabulary, prompt buckets, context), and the driver
-checks every request against it before anything runs. `max_concurrent_decodes` is the slot count;
-`samples_per_slot` is how many sequences one slot decodes (beam search: one per beam).
+checks every request against it before anything runs. `max_concurrent_decodes` is the slot count (the
+decode batch); `samples_per_slot` is how many sequences one slot decodes (beam search: one per beam);
+`page_layout` is the KV pool the scheduler allocates from (page size, pages, pages per sequence);
+`prefill_buckets` the prompt lengths prefill takes (the prompt buckets, and what a recompute needs).
 
 Static shapes, proved: `warmup()` compiles every shape serving will use before the engine reports
 ready, and `compilations_since_warmup` counts what compiled afterwards (it must stay 0).
@@ -33,6 +38,7 @@ import time
 from typing import Any, Protocol, Sequence
 
 from model.engine.compilations import compilation_count
+from model.serving.pages import PageLayout, PagePool
 from model.serving.request import Limits
 
 
@@ -84,6 +90,16 @@ class Engine(abc.ABC):
         return self.limits.max_total_length
 
     @property
+    @abc.abstractmethod
+    def page_layout(self) -> PageLayout:
+        """The KV page pool: page size, pages to hand out, most pages one sequence holds."""
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """Prompt lengths `prefill` takes: the prompt buckets, and longer ones for recomputes."""
+        return self.limits.prompt_buckets
+
+    @property
     def samples_per_slot(self) -> int:
         """Sequences decoded per slot (more than one for beam search)."""
         return 1
@@ -95,17 +111,18 @@ class Engine(abc.ABC):
         """Every slot empty."""
 
     @abc.abstractmethod
-    def prefill(self, prompts: Sequence[Sequence[int]], params, existing_prefix: Prefix | None = None) -> Prefix:
+    def prefill(self, prompts: Sequence[Sequence[int]], params, existing_prefix: Prefix | None = None,
+                steps: Sequence[int] | None = None) -> Prefix:
         """Prefill a batch of token-id prompts; `params` (model.engine.sampling.SamplingParams of host
-        arrays) has one row per prompt."""
+        arrays) has one row per prompt; `steps` each prompt's first sampling step (default 0)."""
 
     @abc.abstractmethod
-    def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int]) -> DecodeState:
-        """Put prefix rows 0..len(slots)-1 into those slots."""
+    def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int], pages: PagePool) -> DecodeState:
+        """Put prefix rows 0..len(slots)-1 into those slots and the pages they hold."""
 
     @abc.abstractmethod
-    def generate(self, state: DecodeState) -> tuple[DecodeState, Sampled]:
-        """One decode step for every slot."""
+    def generate(self, state: DecodeState, pages: PagePool) -> tuple[DecodeState, Sampled]:
+        """One decode step for every slot, over the block tables and lengths of `pages`."""
 
     def free_resource(self, slot: int) -> None:
         """The request in `slot` ended: release what the engine holds for it (nothing, by default)."""

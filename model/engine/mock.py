@@ -11,6 +11,12 @@ The arithmetic, over a vocabulary of `vocab_size` ids (GPT-2's 50257 by default)
 - sampling settings are ignored (every request decodes as above, seeded or not).
 So with GPT-2's vocabulary a prompt ending in t reaches <|endoftext|> (50256) after 50256 - t tokens.
 
+Pages: the mock has no KV cache, but it reports a page layout (`page_size`, `num_pages`, by default
+enough for every slot's longest sequence) so the scheduler's page accounting, admission by pages and
+preemption run on it exactly as on a real engine; a small `num_pages` makes preemption happen.
+Recomputing a preempted request is exact here too: prefill of prompt + generated continues at the
+last token.
+
 A prefill that continues `existing_prefix` (a MockPrefix) generates from the continued prompt's last
 token; `free_resource` records the slots it was told to free (`freed`), so tests can check that the
 driver releases what every finished request held.
@@ -32,6 +38,7 @@ import numpy as np
 from model.engine import api
 from model.engine.buckets import smallest_fitting
 from model.nn.config import ENDOFTEXT_ID, GPT2_VOCAB_SIZE
+from model.serving.pages import PageLayout, PagePool, cdiv
 from model.serving.request import Limits
 
 
@@ -63,8 +70,13 @@ class MockEngine(api.Engine):
 
     def __init__(self, slots: int = 4, prompt_buckets: Sequence[int] = (16, 64), max_prefill_batch: int = 4,
                  max_total_length: int = 256, vocab_size: int = GPT2_VOCAB_SIZE, eos_token_id: int = ENDOFTEXT_ID,
-                 step_delay_s: float = 0.0):
+                 step_delay_s: float = 0.0, page_size: int = 16, num_pages: int | None = None):
         self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length)
+        pages_per_seq = cdiv(max_total_length, page_size)
+        self._layout = PageLayout(page_size, num_pages or slots * pages_per_seq, pages_per_seq)
+        preemptible = self._layout.num_pages < slots * pages_per_seq  # then recomputes need the whole context
+        longer = (max_total_length,) if preemptible and prompt_buckets[-1] < max_total_length else ()
+        self._prefill_buckets = tuple(prompt_buckets) + longer
         self._slots = slots
         self._max_prefill_batch = max_prefill_batch
         self._eos = eos_token_id
@@ -90,31 +102,39 @@ class MockEngine(api.Engine):
     def max_prefill_batch(self) -> int:
         return self._max_prefill_batch
 
+    @property
+    def page_layout(self) -> PageLayout:
+        return self._layout
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        return self._prefill_buckets
+
     # -- the lifecycle --------------------------------------------------------------------------
 
     def init_decode_state(self) -> MockDecodeState:
         return MockDecodeState(np.zeros(self._slots, np.int32))
 
-    def prefill(self, prompts, params, existing_prefix: MockPrefix | None = None) -> MockPrefix:
+    def prefill(self, prompts, params, existing_prefix: MockPrefix | None = None, steps=None) -> MockPrefix:
         if not prompts or len(prompts) > self._max_prefill_batch:
             raise ValueError(f"prefill of {len(prompts)} prompts; 1 to {self._max_prefill_batch} fit")
         if existing_prefix is not None and len(existing_prefix.prompts) != len(prompts):
             raise ValueError("existing_prefix has a different number of rows than prompts")
         full = [list(existing_prefix.prompts[i]) + list(p) if existing_prefix else list(p)
                 for i, p in enumerate(prompts)]
-        if smallest_fitting(max(len(p) for p in prompts), self._limits.prompt_buckets) is None:
-            raise ValueError(f"a prompt exceeds the largest bucket {self._limits.max_prompt_length}")
+        if smallest_fitting(max(len(p) for p in prompts), self._prefill_buckets) is None:
+            raise ValueError(f"a prompt exceeds the largest prefill bucket {self._prefill_buckets[-1]}")
         self._tick()
         self.prefill_batches.append(len(prompts))
         tokens = np.array([(p[-1] + 1) % self._limits.vocab_size for p in full], np.int32)
         return MockPrefix(full, tokens, mock_logprob(tokens))
 
-    def insert(self, prefix: MockPrefix, state: MockDecodeState, slots: Sequence[int]) -> MockDecodeState:
+    def insert(self, prefix: MockPrefix, state: MockDecodeState, slots: Sequence[int], pages: PagePool) -> MockDecodeState:
         tokens = state.tokens.copy()
         tokens[list(slots)] = prefix.tokens[: len(slots)]
         return MockDecodeState(tokens)
 
-    def generate(self, state: MockDecodeState) -> tuple[MockDecodeState, MockStepOutput]:
+    def generate(self, state: MockDecodeState, pages: PagePool) -> tuple[MockDecodeState, MockStepOutput]:
         self._tick()
         tokens = ((state.tokens + 1) % self._limits.vocab_size).astype(np.int32)
         return MockDecodeState(tokens), MockStepOutput(tokens, mock_logprob(tokens))

@@ -1,9 +1,13 @@
 """GPT-J forward pass over an explicit KV cache, and the weights pytree.
 
-One function, `forward`, serves prefill and decode: it takes T new tokens per row, writes their keys
-and values into the cache at each row's `cache_index`, and attends over every valid cache position up
-to the query's own. Prefill is `forward` on a fresh cache with T = the prompt bucket; a decode step is
-`forward` with T = 1 on the slots' cache.
+Two entry points share the blocks and differ only in how a layer stores and reads keys and values
+(the `attend` each block is given):
+- `forward`: T new tokens per row over a dense cache [B, N, S, H] (model.nn.kv_cache), written at each
+  row's `cache_index` and attended up to the query's own position. Prefill is `forward` on a fresh
+  cache with T = the prompt bucket; `full_logits`, the reference path of the tests, is the same.
+- `decode_forward`: one token per row over the paged pool (model.nn.paged_cache), written into its
+  page and attended over the pages in use only (model.nn.paged_attention: a Pallas kernel on TPU and
+  GPU, pure JAX elsewhere).
 
 GPT-J's block is a *parallel* residual: one `ln_1` feeds both attention and MLP,
     h = h + attn(ln_1(h)) + mlp(ln_1(h)).
@@ -18,6 +22,7 @@ cost is compile time, linear in layers, which warm-up pays once.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -29,6 +34,8 @@ from model.nn import sharding
 from model.nn.config import GPTJConfig
 from model.nn.quant import QuantArray
 from model.nn.kv_cache import KVCache, write_kv, write_rows
+from model.nn.paged_attention import paged_attention
+from model.nn.paged_cache import TRASH_PAGE, PagedKV, write_token
 from model.nn.sharding import EMBED, FF, HEAD_DIM, HEADS, NEAR_ONE, NORMAL, QKV, VOCAB, ParamSpec
 
 
@@ -124,31 +131,38 @@ def embed(weights: Weights, tokens: jax.Array) -> jax.Array:
     return jnp.take(weights.wte, tokens, axis=0)
 
 
-def block(
-    w: LayerWeights,
-    cfg: GPTJConfig,
-    x: jax.Array,
-    sin: jax.Array,
-    cos: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    cache_index: jax.Array,
-    allowed: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One GPT-J block. x [B, T, D]; returns (x', k_cache', v_cache')."""
+# attend(q, k, v) -> (attention output [B, T, N, H], the layer's updated cache): how one layer
+# stores its new keys and values and reads the cache, the only part of a block that differs between
+# the dense cache (prefill, `forward`) and the paged pool (decode, `decode_forward`).
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def block(w: LayerWeights, cfg: GPTJConfig, x: jax.Array, sin: jax.Array, cos: jax.Array,
+          attend: Attend) -> tuple[jax.Array, Any]:
+    """One GPT-J block. x [B, T, D]; returns (x', the layer's cache as `attend` left it)."""
     h = layers.layer_norm(x, w.ln_scale, w.ln_bias, cfg.layer_norm_eps)
     qkv = quant.einsum("BTD,DCNH->BTCNH", h, w.qkv)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, N, H] each
     q = layers.apply_rotary(q, sin, cos, cfg.rotary_dim)
     k = layers.apply_rotary(k, sin, cos, cfg.rotary_dim)
-    k_cache = write_kv(k_cache, k.transpose(0, 2, 1, 3), cache_index)  # [B, N, S, H]
-    v_cache = write_kv(v_cache, v.transpose(0, 2, 1, 3), cache_index)
-    attn = layers.attention(q, k_cache, v_cache, allowed)  # [B, T, N, H]
+    attn, layer_cache = attend(q, k, v)  # [B, T, N, H]
     # Contract (N, H) as one flat axis: given "BTNH,NHD->BTD", XLA CPU copied a transposed out
     # weight on every decode step.
     attn_out = quant.einsum("BTK,KD->BTD", attn.reshape(*attn.shape[:2], -1), quant.merge_leading(w.out, 2))
     mlp_out = layers.mlp(h, w.fc_in, w.fc_in_bias, w.fc_out, w.fc_out_bias)
-    return x + attn_out + mlp_out, k_cache, v_cache
+    return x + attn_out + mlp_out, layer_cache
+
+
+def _layers(weights: Weights, cfg: GPTJConfig, tokens: jax.Array, positions: jax.Array,
+            attends: Sequence[Attend]) -> tuple[jax.Array, list]:
+    """Embed, every block (layer i through attends[i]), ln_f: hidden [B, T, D] and each layer's cache."""
+    sin, cos = layers.rotary_sin_cos(positions, cfg.rotary_dim)
+    x = embed(weights, tokens)
+    caches = []
+    for w, attend in zip(weights.layers, attends):
+        x, layer_cache = block(w, cfg, x, sin, cos, attend)
+        caches.append(layer_cache)
+    return layers.layer_norm(x, weights.ln_f_scale, weights.ln_f_bias, cfg.layer_norm_eps), caches
 
 
 def forward(
@@ -171,16 +185,53 @@ def forward(
     query_index = cache_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
     key_index = jnp.arange(cache.length)  # [S]
     allowed = valid[:, None, :] & (key_index[None, None, :] <= query_index[:, :, None])  # [B, T, S]
-    sin, cos = layers.rotary_sin_cos(positions, cfg.rotary_dim)
 
-    x = embed(weights, tokens)
-    new_k, new_v = [], []
-    for w, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
-        x, k_cache, v_cache = block(w, cfg, x, sin, cos, k_cache, v_cache, cache_index, allowed)
-        new_k.append(k_cache)
-        new_v.append(v_cache)
-    x = layers.layer_norm(x, weights.ln_f_scale, weights.ln_f_bias, cfg.layer_norm_eps)
-    return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid)
+    def dense_attend(k_cache, v_cache):
+        def attend(q, k, v):
+            k_cache2 = write_kv(k_cache, k.transpose(0, 2, 1, 3), cache_index)  # [B, N, S, H]
+            v_cache2 = write_kv(v_cache, v.transpose(0, 2, 1, 3), cache_index)
+            return layers.attention(q, k_cache2, v_cache2, allowed), (k_cache2, v_cache2)
+        return attend
+
+    x, caches = _layers(weights, cfg, tokens, positions, [dense_attend(k, v) for k, v in zip(cache.k, cache.v)])
+    return x, KVCache(k=tuple(k for k, _ in caches), v=tuple(v for _, v in caches), valid=valid)
+
+
+def decode_forward(
+    weights: Weights,
+    cfg: GPTJConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    pages: PagedKV,
+    block_tables: jax.Array,
+    *,
+    attention_impl: str,
+    mesh=None,
+) -> tuple[jax.Array, PagedKV]:
+    """One decode step over the paged pool: row b's token tokens[b] at position positions[b] is
+    written into its page (block_tables[b, positions[b] // page]) and attends over its sequence's
+    positions 0..positions[b], reading only the pages in block_tables [B, n] (n: a page-count bucket
+    that holds every row). A row with position < 0 holds no request: it writes to the trash page and
+    attends over nothing. Returns the final hidden states [B, D] and the updated pool."""
+    page = (pages.k[0].values if isinstance(pages.k[0], QuantArray) else pages.k[0]).shape[2]
+    live = positions >= 0
+    pos = jnp.maximum(positions, 0)
+    rows = jnp.arange(tokens.shape[0])
+    page_ids = jnp.where(live, block_tables[rows, jnp.minimum(pos // page, block_tables.shape[1] - 1)], TRASH_PAGE)
+    offsets = jnp.where(live, pos % page, 0)
+    lengths = jnp.where(live, pos + 1, 0).astype(jnp.int32)
+
+    def paged_attend(k_pages, v_pages):
+        def attend(q, k, v):  # q, k, v [B, 1, N, H]
+            k_pages2 = write_token(k_pages, k[:, 0], page_ids, offsets)
+            v_pages2 = write_token(v_pages, v[:, 0], page_ids, offsets)
+            out = paged_attention(q[:, 0], k_pages2, v_pages2, lengths, block_tables, impl=attention_impl, mesh=mesh)
+            return out[:, None], (k_pages2, v_pages2)
+        return attend
+
+    x, caches = _layers(weights, cfg, tokens[:, None], pos[:, None],
+                        [paged_attend(k, v) for k, v in zip(pages.k, pages.v)])
+    return x[:, 0], PagedKV(k=tuple(k for k, _ in caches), v=tuple(v for _, v in caches))
 
 
 def logits(weights: Weights, hidden: jax.Array) -> jax.Array:

@@ -4,10 +4,12 @@ Request lifecycle:
   submit()  checks the request against the engine's limits (clear `RequestRejected` errors, nothing
             truncated) and queues it with the scheduler;
   step()    1. asks the scheduler for this step's plan (model.serving.scheduler): cancelled requests
-               leave (a cancelled slot is free from this step on), and one prefill batch of waiting
-               requests of one prompt bucket is admitted into free slots;
+               leave (a cancelled slot and its pages are free from this step on), every decoding
+               request gets the KV pages its next token needs (preempting the youngest when the pool
+               is full: it is requeued and later recomputed, its output unchanged), and one prefill
+               batch of waiting requests of one bucket is admitted into free slots and pages;
             2. runs the plan on the engine: prefill + insert while the other slots keep their state,
-               then one decode step for all slots;
+               then one decode step for all slots, over the scheduler's page tables;
             3. hands each live request its token: output processing (model.serving.output) turns it
                into text and decides whether the request has ended;
   a request ends at a stop token, a stop string, EOS (when asked) or max_tokens; the driver then tells
@@ -55,17 +57,17 @@ class Driver:
         self.engine = engine
         self.tokenizer = tokenizer
         self.on_prefill = on_prefill
-        self._scheduler = Scheduler(engine.limits, engine.max_concurrent_decodes, engine.max_prefill_batch,
-                                    max_waiting)
+        self._scheduler = Scheduler(engine.limits, engine.page_layout, engine.max_concurrent_decodes,
+                                    engine.max_prefill_batch, engine.prefill_buckets, max_waiting)
         self._lock = threading.Condition()  # guards the scheduler; wakes the stepping thread
         self._streams: dict[str, tuple[OutputStream, OnOutput]] = {}  # by request id
         self._state = engine.init_decode_state()
-        self._in_flight: tuple[Sampled, list[Scheduled | None]] | None = None  # the last dispatched decode step
+        self._in_flight: tuple[Sampled, list[tuple[Scheduled, int] | None]] | None = None  # the last decode step
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_at = time.monotonic()  # heartbeat for health checks
-        self.stats = collections.Counter()  # prefill_batches, prefill_rows, decode_steps, tokens_out
+        self.stats = collections.Counter()  # prefill_batches, prefill_rows, decode_steps, tokens_out, preemptions
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -110,6 +112,11 @@ class Driver:
     def has_work(self) -> bool:
         return self._scheduler.has_work() or self._in_flight is not None
 
+    def kv_usage(self) -> dict:
+        """KV pages total / used / free and the fraction in use (`kv_cache_usage_perc`)."""
+        with self._lock:
+            return self._scheduler.kv_usage()
+
     # -- the loop -------------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -118,8 +125,9 @@ class Driver:
 
         Pipelining: the device computes step k while the host reads step k-1's tokens and does the
         per-request bookkeeping (stops, detokenisation, delivery). Each dispatched step remembers
-        which request owned each slot; a token is delivered only if that request still owns the
-        slot, so a request that finished or was cancelled in between costs one wasted slot-step."""
+        which admission of which request owned each slot; a token is delivered only if that
+        admission still owns the slot, so a request that finished, was cancelled or was preempted in
+        between costs one wasted slot-step (a preempted one recomputes that token)."""
         self.last_step_at = time.monotonic()
         with self._lock:
             plan = self._scheduler.schedule()
@@ -127,19 +135,22 @@ class Driver:
             self.engine.free_resource(slot)
         for s in plan.cancelled:
             self._deliver(s, self._stream(s).end("cancelled"))
+        self.stats["preemptions"] += len(plan.preempted)
         if plan.prefill is not None:
             self._prefill(plan.prefill)
         previous, self._in_flight = self._in_flight, None
         if self._scheduler.active_slots:
-            self._state, out = self.engine.generate(self._state)
-            self._in_flight = (out, self._scheduler.slot_owners())
+            self._state, out = self.engine.generate(self._state, self._scheduler.pages)
+            self._scheduler.decoded()
+            owners = [None if s is None else (s, s.admission) for s in self._scheduler.slot_owners()]
+            self._in_flight = (out, owners)
             self.stats["decode_steps"] += 1
         if previous is not None:
             out, owners = previous
             tokens, logprobs = jax.device_get((out.tokens, out.logprobs))
-            for slot, s in enumerate(owners):
-                if s is not None and s.slot == slot:
-                    self._accept(s, int(tokens[slot]), float(logprobs[slot]))
+            for slot, owner in enumerate(owners):
+                if owner is not None and owner[0].slot == slot and owner[0].admission == owner[1]:
+                    self._accept(owner[0], int(tokens[slot]), float(logprobs[slot]))
 
     def _prefill(self, batch: PrefillBatch) -> None:
         admitted_at = time.monotonic()
@@ -148,8 +159,9 @@ class Driver:
             [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
             [s.seed for s in batch.requests],
         )
-        prefix = self.engine.prefill([list(r.prompt_ids) for r in reqs], params)
-        self._state = self.engine.insert(prefix, self._state, batch.slots)
+        prefix = self.engine.prefill([s.tokens for s in batch.requests], params,
+                                     steps=[len(s.generated) for s in batch.requests])
+        self._state = self.engine.insert(prefix, self._state, batch.slots, self._scheduler.pages)
         self.stats["prefill_batches"] += 1
         self.stats["prefill_rows"] += len(reqs)
         if self.on_prefill is not None:
@@ -159,6 +171,7 @@ class Driver:
             self._accept(s, int(tokens[row]), float(logprobs[row]))
 
     def _accept(self, s: Scheduled, token: int, logprob: float) -> None:
+        s.generated.append(token)
         out = self._stream(s).accept(token, logprob)
         self.stats["tokens_out"] += len(out.token_ids)
         if out.finished:

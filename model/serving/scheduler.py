@@ -1,19 +1,28 @@
 """The scheduler: decides each step's work (vLLM's `scheduler.py` is the anchor), executes none of it.
 
 It owns the host-side bookkeeping of a driver: the queue of waiting requests, which request holds
-which decode slot, the cancellations not yet applied. Each step the driver asks it for a `StepPlan`:
+which decode slot, which KV pages each slot holds (a model.serving.pages.PagePool), the cancellations
+not yet applied. Each step the driver asks it for a `StepPlan`:
 
-  1. cancellations: every request cancelled since the last plan leaves the queue or its slot (the
-     slot is free from this step on);
-  2. admission: the oldest waiting request picks the prompt bucket, and up to (free slots, the
+  1. cancellations: every request cancelled since the last plan leaves the queue or its slot, and
+     gives back its pages (free from this step on);
+  2. growth: every decoding request, oldest first, gets the pages its next token needs (one more
+     page every page_size tokens). When none is free, the youngest decoding request is preempted
+     (vLLM's recompute preemption): its pages are freed, and it goes back to the front of the queue
+     with everything it has generated, to be prefilled again from its prompt plus those tokens and
+     continue where it was, its output identical to a run that was never preempted;
+  3. admission: the oldest waiting request picks the prefill bucket, and up to (free slots, the
      engine's largest prefill batch) waiting requests of that bucket, oldest first, are taken for one
-     prefill and given free slots, lowest first. Requests of other buckets wait for a later step, so
-     one prefill never mixes buckets and a long prompt never waits behind a stream of short ones for
-     more than the steps it takes their bucket to drain.
+     prefill and given free slots, lowest first, as long as their pages fit (prompt plus the first
+     decode step's token); the first that does not fit stops admission (first come, first served).
+     Requests of other buckets wait for a later step, so one prefill never mixes buckets and a long
+     prompt never waits behind a stream of short ones for more than the steps it takes their bucket
+     to drain.
 
-Everything else in the plan is implied: every occupied slot decodes. The driver runs the plan on
-the engine, hands tokens to output processing, and calls `finish` when a request has ended (stop,
-length, cancellation, error). Slots, pages and prefill chunks of later engines are decided here too.
+Everything else in the plan is implied: every occupied slot decodes, and `decoded()` records that
+each one's sequence grew by a token. The driver runs the plan on the engine, hands tokens to output
+processing, and calls `finish` when a request has ended (stop, length, cancellation, error). A
+request whose prompt plus max_tokens could never fit the pool is refused when it is added.
 
 Not thread-safe: the driver serialises every call under its lock. No JAX, no engine calls.
 """
@@ -25,6 +34,8 @@ import dataclasses
 import random
 from typing import Sequence
 
+from model.engine.buckets import smallest_fitting
+from model.serving.pages import PageLayout, PagePool
 from model.serving.request import Limits, Request, RequestRejected
 
 _seed_source = random.SystemRandom()
@@ -37,12 +48,20 @@ class Scheduled:
     request: Request
     seed: int  # the request's seed, or a fresh random one (the request itself is never written)
     submitted_at: float
-    bucket: int  # its prompt bucket
+    bucket: int  # the prefill bucket of `tokens`
     slot: int | None = None  # its decode slot once admitted
+    admission: int | None = None  # when it was last admitted (an increasing count): youngest = largest
+    generated: list[int] = dataclasses.field(default_factory=list)  # tokens delivered so far
+    preemptions: int = 0
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its next prefill runs: the prompt, plus what it generated before a preemption."""
+        return list(self.request.prompt_ids) + self.generated
 
 
 @dataclasses.dataclass
@@ -55,19 +74,27 @@ class PrefillBatch:
 @dataclasses.dataclass
 class StepPlan:
     cancelled: list[Scheduled]  # ended by cancellation; none holds a slot any more
-    freed_slots: list[int]  # the slots they held, for the engine to release before the prefill
+    preempted: list[Scheduled]  # back in the queue, to be recomputed; none holds a slot any more
+    freed_slots: list[int]  # the slots both held, for the engine to release before the prefill
     prefill: PrefillBatch | None  # prompts to prefill and insert this step (free slots included)
 
 
 class Scheduler:
-    def __init__(self, limits: Limits, slots: int, max_prefill_batch: int, max_waiting: int | None = None):
+    def __init__(self, limits: Limits, layout: PageLayout, slots: int, max_prefill_batch: int,
+                 prefill_buckets: Sequence[int] | None = None, max_waiting: int | None = None):
+        """`prefill_buckets`: what the engine prefills (default: the prompt buckets); a preempted
+        request is recomputed in the one that holds its prompt and generated tokens."""
         self.limits = limits
         self.max_prefill_batch = max_prefill_batch
+        self.prefill_buckets = tuple(prefill_buckets or limits.prompt_buckets)
         self.max_waiting = max_waiting
+        self.pages = PagePool(layout, slots)
         self._waiting: collections.deque[Scheduled] = collections.deque()
         self._slots: list[Scheduled | None] = [None] * slots
         self._cancelled: set[str] = set()
         self._live: dict[str, Scheduled] = {}  # waiting or decoding, by request id
+        self._admissions = 0
+        self.preemptions = 0
 
     # -- requests in ----------------------------------------------------------------------------
 
@@ -77,6 +104,13 @@ class Scheduler:
         share one)."""
         if self.max_waiting is not None and len(self._waiting) + len(requests) > self.max_waiting:
             raise OverflowError(f"{len(self._waiting)} requests already waiting (limit {self.max_waiting})")
+        capacity = self.pages.layout.capacity_tokens
+        too_big = next((r for r in requests if len(r.prompt_ids) + r.max_tokens > capacity), None)
+        if too_big is not None:
+            raise RequestRejected(
+                f"prompt ({len(too_big.prompt_ids)} tokens) + max_tokens ({too_big.max_tokens}) can never fit the KV "
+                f"cache: it holds {capacity} tokens ({self.pages.layout.num_pages} pages of "
+                f"{self.pages.layout.page_size})", "max_tokens")
         ids = [r.request_id for r in requests]
         clash = next((i for n, i in enumerate(ids) if i in self._live or i in ids[:n]), None)
         if clash is not None:
@@ -103,7 +137,30 @@ class Scheduler:
         freed = [s.slot for s in ended if s.slot is not None]
         for s in ended:
             self.finish(s)
-        return StepPlan(cancelled=ended, freed_slots=freed, prefill=self._admit())
+        preempted = self._grow()
+        freed += [slot for _, slot in preempted]
+        return StepPlan(cancelled=ended, preempted=[s for s, _ in preempted], freed_slots=freed,
+                        prefill=self._admit())
+
+    def _grow(self) -> list[tuple[Scheduled, int]]:
+        """Pages for every decoding request's next token, oldest first, preempting the youngest when
+        none is free; returns the preempted requests with the slots they left."""
+        preempted = []
+        for s in sorted(self._decoding(), key=lambda s: s.admission):
+            while s.slot is not None and not self.pages.allocate(s.slot, int(self.pages.lengths[s.slot]) + 1):
+                victim = max(self._decoding(), key=lambda d: d.admission)
+                preempted.append((victim, victim.slot))
+                self._preempt(victim)
+        return preempted
+
+    def _preempt(self, s: Scheduled) -> None:
+        self.pages.free(s.slot)
+        self._slots[s.slot] = None
+        s.slot = None
+        s.preemptions += 1
+        s.bucket = smallest_fitting(len(s.tokens), self.prefill_buckets)
+        self._waiting.appendleft(s)
+        self.preemptions += 1
 
     def _admit(self) -> PrefillBatch | None:
         free = [i for i, owner in enumerate(self._slots) if owner is None]
@@ -111,19 +168,36 @@ class Scheduler:
             return None
         bucket = self._waiting[0].bucket
         limit = min(len(free), self.max_prefill_batch)
-        batch = [s for s in self._waiting if s.bucket == bucket][:limit]
+        batch = []
+        for s in [s for s in self._waiting if s.bucket == bucket][:limit]:
+            slot = free[len(batch)]
+            if not self.pages.allocate(slot, len(s.tokens) + 1):  # the prompt and the first decode step's token
+                break
+            self.pages.lengths[slot] = len(s.tokens)
+            s.slot, s.admission = slot, self._admissions
+            self._admissions += 1
+            self._slots[slot] = s
+            batch.append(s)
+        if not batch:
+            return None
         taken = set(map(id, batch))
         self._waiting = collections.deque(s for s in self._waiting if id(s) not in taken)
-        for s, slot in zip(batch, free):
-            s.slot = slot
-            self._slots[slot] = s
-        return PrefillBatch(bucket, batch, free[: len(batch)])
+        return PrefillBatch(bucket, batch, [s.slot for s in batch])
+
+    def decoded(self) -> None:
+        """A decode step ran for every occupied slot: each sequence holds one more token."""
+        for s in self._decoding():
+            self.pages.lengths[s.slot] += 1
+
+    def _decoding(self) -> list[Scheduled]:
+        return [s for s in self._slots if s is not None]
 
     # -- requests out ---------------------------------------------------------------------------
 
     def finish(self, s: Scheduled) -> None:
         """`s` has ended: it leaves the queue or frees its slot. Idempotent."""
         if s.slot is not None:
+            self.pages.free(s.slot)
             self._slots[s.slot] = None
             s.slot = None
         elif s in self._waiting:
@@ -150,6 +224,12 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def kv_usage(self) -> dict:
+        """The page pool's occupancy (vLLM's `kv_cache_usage_perc` is a fraction too)."""
+        total, used = self.pages.layout.num_pages, self.pages.pages_used
+        return {"kv_pages_total": total, "kv_pages_used": used, "kv_pages_free": total - used,
+                "kv_cache_usage_perc": used / total}
 
     def has_work(self) -> bool:
         return bool(self._waiting) or self.active_slots > 0 or bool(self._cancelled)

@@ -23,6 +23,6 @@ def test_a_new_shape_is_one_compilation_and_a_cached_one_none():
 
 
 def test_importing_an_engine_registers_no_listener():
-    code = ("import model.engine.dense, model.engine.mock, model.engine.compilations as c; "
+    code = ("import model.engine.paged, model.engine.mock, model.engine.compilations as c; "
             "assert not c._listening; c.compilation_count(); assert c._listening")
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})

@@ -5,6 +5,7 @@ import pytest
 
 from model.engine.mock import MockEngine, mock_logprob
 from model.engine.sampling import SamplingParams
+from model.serving.pages import PagePool
 
 PARAMS = SamplingParams.host([0.0, 0.0], [0, 0], [1.0, 1.0], [0, 0])
 
@@ -14,10 +15,11 @@ def test_prefill_then_decode_counts_up_from_the_last_prompt_token():
     state = engine.init_decode_state()
     prefix = engine.prefill([[5, 9], [3, 50256]], PARAMS)
     assert prefix.tokens.tolist() == [10, 0]  # 50256 + 1 wraps around GPT-2's 50257 ids
-    state = engine.insert(prefix, state, [2, 0])
-    state, out = engine.generate(state)
+    pages = PagePool(engine.page_layout, 4)
+    state = engine.insert(prefix, state, [2, 0], pages)
+    state, out = engine.generate(state, pages)
     assert out.tokens[[2, 0]].tolist() == [11, 1]
-    state, out = engine.generate(state)
+    state, out = engine.generate(state, pages)
     assert out.tokens[[2, 0]].tolist() == [12, 2]
     np.testing.assert_array_equal(out.logprobs, -(out.tokens % 4) / 4)
 
@@ -36,6 +38,11 @@ def test_existing_prefix_continues_the_prompt():
 def test_limits_warmup_and_free_resource():
     engine = MockEngine(slots=3, prompt_buckets=(8, 32), max_prefill_batch=2, max_total_length=100)
     assert engine.limits.max_prompt_length == 32 and engine.max_total_length == 100
+    layout = engine.page_layout  # by default every slot's longest sequence fits
+    assert (layout.page_size, layout.num_pages, layout.pages_per_seq) == (16, 3 * 7, 7)
+    assert engine.prefill_buckets == (8, 32)
+    small_pool = MockEngine(slots=3, prompt_buckets=(8, 32), max_total_length=100, num_pages=5)
+    assert small_pool.prefill_buckets == (8, 32, 100)  # it can preempt: a recompute may be the whole context
     assert engine.max_concurrent_decodes == 3 and engine.max_prefill_batch == 2
     assert engine.compilations_since_warmup is None
     engine.warmup()

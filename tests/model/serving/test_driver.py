@@ -95,6 +95,25 @@ def test_admission_batches_one_bucket_and_fills_free_slots(tokenizer):
     assert all(r.token_ids == [2, 3, 4] for r in results)
 
 
+def test_preempted_requests_stream_every_token_once_and_in_order(tokenizer):
+    """Four requests of 100 tokens in a pool of 16 pages of 16 tokens (256 tokens): they preempt
+    each other, are recomputed from prompt + generated, and still stream t+1, t+2, ... exactly."""
+    driver = new_driver(tokenizer, slots=4, prompt_buckets=(16, 64), num_pages=16)
+    outputs = {i: [] for i in range(4)}
+    for i in range(4):
+        driver.submit(Request([100 * (i + 1)] * 4, 100, request_id=str(i)), outputs[i].append)
+    usage = []
+    while driver.has_work():
+        driver.step()
+        usage.append(driver.kv_usage()["kv_cache_usage_perc"])
+    assert driver.stats["preemptions"] > 0
+    for i in range(4):
+        start = 100 * (i + 1)
+        assert [t for o in outputs[i] for t in o.token_ids] == list(range(start + 1, start + 101))
+        assert outputs[i][-1].finish_reason == "length"
+    assert max(usage) == 1.0 and usage[-1] == 0.0
+
+
 def test_requests_are_not_written_to(tokenizer):
     request = Request([5], 3, temperature=1.0)  # no seed: the scheduler draws one for itself
     new_driver(tokenizer).generate([request])
@@ -185,7 +204,7 @@ def test_background_thread_serves_and_a_broken_engine_fails_callers(tokenizer):
     assert done.wait(10)
     assert [t for o in outputs for t in o.token_ids] == [10, 11, 12]
 
-    def broken(state):
+    def broken(state, pages):
         raise RuntimeError("XLA error")
 
     driver.engine.generate = broken

@@ -1,12 +1,14 @@
-"""The scheduler's plans, without an engine: who is admitted, into which slots, and what a
-cancellation frees."""
+"""The scheduler's plans, without an engine: who is admitted, into which slots and pages, what a
+cancellation frees, and who is preempted when the pages run out."""
 
 import pytest
 
+from model.serving.pages import PageLayout
 from model.serving.request import Limits, Request, RequestRejected
 from model.serving.scheduler import Scheduler
 
 LIMITS = Limits(vocab_size=1000, prompt_buckets=(8, 32), max_total_length=64)
+LAYOUT = PageLayout(page_size=8, num_pages=64, pages_per_seq=8)  # never runs out in these tests
 
 
 def req(length, request_id=None, **kw):
@@ -14,7 +16,7 @@ def req(length, request_id=None, **kw):
 
 
 def test_the_oldest_request_picks_the_bucket_and_same_bucket_requests_join_it():
-    s = Scheduler(LIMITS, slots=4, max_prefill_batch=4)
+    s = Scheduler(LIMITS, LAYOUT, slots=4, max_prefill_batch=4)
     s.add([req(20, "long1"), req(3, "short1"), req(30, "long2"), req(5, "short2")], now=0.0)
     plan = s.schedule()
     assert plan.prefill.bucket == 32 and [r.request_id for r in plan.prefill.requests] == ["long1", "long2"]
@@ -25,7 +27,7 @@ def test_the_oldest_request_picks_the_bucket_and_same_bucket_requests_join_it():
 
 
 def test_a_batch_is_bounded_by_free_slots_and_the_largest_prefill_batch():
-    s = Scheduler(LIMITS, slots=3, max_prefill_batch=2)
+    s = Scheduler(LIMITS, LAYOUT, slots=3, max_prefill_batch=2)
     s.add([req(2) for _ in range(5)], now=0.0)
     assert len(s.schedule().prefill.requests) == 2
     assert len(s.schedule().prefill.requests) == 1  # one slot left
@@ -33,7 +35,7 @@ def test_a_batch_is_bounded_by_free_slots_and_the_largest_prefill_batch():
 
 
 def test_finishing_frees_the_slot_for_the_next_plan():
-    s = Scheduler(LIMITS, slots=1, max_prefill_batch=1)
+    s = Scheduler(LIMITS, LAYOUT, slots=1, max_prefill_batch=1)
     first, second = s.add([req(2, "a"), req(2, "b")], now=0.0)
     assert s.schedule().prefill.requests == [first]
     assert s.schedule().prefill is None
@@ -43,7 +45,7 @@ def test_finishing_frees_the_slot_for_the_next_plan():
 
 
 def test_cancellation_frees_slots_before_admission_in_the_same_plan():
-    s = Scheduler(LIMITS, slots=1, max_prefill_batch=1)
+    s = Scheduler(LIMITS, LAYOUT, slots=1, max_prefill_batch=1)
     s.add([req(2, "running"), req(2, "next")], now=0.0)
     s.schedule()
     s.cancel("running")
@@ -54,7 +56,7 @@ def test_cancellation_frees_slots_before_admission_in_the_same_plan():
 
 
 def test_a_waiting_request_can_be_cancelled():
-    s = Scheduler(LIMITS, slots=1, max_prefill_batch=1)
+    s = Scheduler(LIMITS, LAYOUT, slots=1, max_prefill_batch=1)
     s.add([req(2, "a"), req(2, "b")], now=0.0)
     s.cancel("b")
     plan = s.schedule()
@@ -63,13 +65,13 @@ def test_a_waiting_request_can_be_cancelled():
 
 
 def test_seeds_are_resolved_in_the_scheduler_not_the_request():
-    s = Scheduler(LIMITS, slots=2, max_prefill_batch=2)
+    s = Scheduler(LIMITS, LAYOUT, slots=2, max_prefill_batch=2)
     seeded, unseeded = s.add([req(2, seed=7), req(2)], now=0.0)
     assert seeded.seed == 7 and 0 <= unseeded.seed < 2**31 and unseeded.request.seed is None
 
 
 def test_add_is_all_or_none():
-    s = Scheduler(LIMITS, slots=1, max_prefill_batch=1, max_waiting=2)
+    s = Scheduler(LIMITS, LAYOUT, slots=1, max_prefill_batch=1, max_waiting=2)
     with pytest.raises(OverflowError):
         s.add([req(2), req(2), req(2)], now=0.0)
     with pytest.raises(RequestRejected, match="'x' is already in flight"):
@@ -78,8 +80,84 @@ def test_add_is_all_or_none():
 
 
 def test_drain_empties_everything():
-    s = Scheduler(LIMITS, slots=1, max_prefill_batch=1)
+    s = Scheduler(LIMITS, LAYOUT, slots=1, max_prefill_batch=1)
     s.add([req(2, "a"), req(2, "b")], now=0.0)
     s.schedule()
     assert {x.request_id for x in s.drain()} == {"a", "b"}
     assert s.active_slots == 0 and s.waiting == 0 and s.slot_owners() == [None]
+
+
+# -- pages ------------------------------------------------------------------------------------------
+
+def decode_steps(s, n):
+    """n steps of the driver's loop without an engine: plan, then every occupied slot decodes."""
+    plans = []
+    for _ in range(n):
+        plans.append(s.schedule())
+        s.decoded()
+    return plans
+
+
+def test_admission_takes_the_prompts_pages_and_decoding_takes_one_more_per_page_of_tokens():
+    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=10, pages_per_seq=8), slots=2, max_prefill_batch=2)
+    a, b = s.add([Request([1] * 15, 20, request_id="a"), Request([1] * 17, 20, request_id="b")], now=0.0)
+    decode_steps(s, 1)  # both admitted: 15 + 1 tokens = 2 pages, 17 + 1 tokens = 3 pages
+    assert s.pages.pages_of(a.slot) == [1, 2] and s.pages.pages_of(b.slot) == [3, 4, 5]
+    assert s.pages.lengths.tolist() == [16, 18]
+    decode_steps(s, 1)  # a's 17th token needs a third page; b's 19th still fits its third
+    assert s.pages.pages_of(a.slot) == [1, 2, 6] and len(s.pages.pages_of(b.slot)) == 3
+    assert s.kv_usage() == {"kv_pages_total": 10, "kv_pages_used": 6, "kv_pages_free": 4, "kv_cache_usage_perc": 0.6}
+    s.finish(a)
+    assert s.kv_usage()["kv_pages_used"] == 3 and s.pages.lengths[0] == 0 and s.pages.table[0].tolist() == [0] * 8
+
+
+def test_when_pages_run_out_the_youngest_is_preempted_and_requeued_first_with_what_it_generated():
+    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=4, pages_per_seq=8), slots=3, max_prefill_batch=1,
+                  prefill_buckets=(8, 32, 64))
+    old, young, waiting = s.add([Request([1] * 8, 20, request_id="old"), Request([1] * 8, 20, request_id="young"),
+                                 Request([1] * 8, 20, request_id="waiting")], now=0.0)
+    decode_steps(s, 2)  # old then young admitted (2 pages each: 8 + 1 tokens); the pool is full
+    assert s.waiting == 1 and s.pages.pages_free == 0
+    young.generated = [5] * 7  # what the driver delivered
+    for _ in range(6):  # old's tokens 10..16 fit its two pages
+        assert s.schedule().preempted == []
+        s.decoded()
+    plan = s.schedule()  # old's 17th token needs a third page: young gives its two back
+    assert plan.preempted == [young] and plan.freed_slots == [1] and young.slot is None
+    assert young.preemptions == 1 and s.preemptions == 1 and young.bucket == 32  # 8 prompt + 7 generated tokens
+    assert list(s._waiting) == [young, waiting]  # first in line again
+    assert len(s.pages.pages_of(old.slot)) == 3 and s.pages.pages_free == 1
+    assert young.tokens == [1] * 8 + [5] * 7
+
+
+def test_a_request_that_fits_the_pool_alone_is_never_preempted():
+    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=8, pages_per_seq=8), slots=2, max_prefill_batch=2)
+    (only,) = s.add([Request([1] * 8, 56, request_id="only")], now=0.0)
+    plans = decode_steps(s, 56)
+    assert all(p.preempted == [] for p in plans) and len(s.pages.pages_of(only.slot)) == 8
+
+
+def test_admission_waits_first_come_first_served_for_pages():
+    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=5, pages_per_seq=8), slots=3, max_prefill_batch=3)
+    s.add([req(30, "big"), req(30, "big2"), req(3, "small")], now=0.0)
+    plan = s.schedule()  # big takes 4 of 5 pages; big2 does not fit, and small waits behind it
+    assert [r.request_id for r in plan.prefill.requests] == ["big"]
+    assert s.schedule().prefill is None and s.waiting == 2
+
+
+def test_a_request_that_can_never_fit_the_pool_is_refused_when_added():
+    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=4, pages_per_seq=8), slots=2, max_prefill_batch=2)
+    with pytest.raises(RequestRejected, match=r"prompt \(20 tokens\) \+ max_tokens \(20\) can never fit the KV "
+                                              r"cache: it holds 32 tokens \(4 pages of 8\)") as e:
+        s.add([req(2, "fits"), Request([1] * 20, 20, request_id="too-big")], now=0.0)
+    assert e.value.param == "max_tokens" and s.waiting == 0  # all or none
+
+
+def test_cancelling_a_decoding_request_gives_its_pages_back():
+    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=6, pages_per_seq=8), slots=2, max_prefill_batch=2)
+    (a,) = s.add([req(20, "a")], now=0.0)
+    decode_steps(s, 1)
+    assert s.pages.pages_used == 3
+    s.cancel("a")
+    plan = s.schedule()
+    assert plan.cancelled == [a] and plan.freed_slots == [0] and s.pages.pages_used == 0

@@ -1,8 +1,9 @@
-"""The dense engine, by hand and through the driver: the JetStream API equals a full forward pass,
-static shapes with zero recompiles after warm-up, continuous batching that never changes a request's
-result, per-request sampling on the real model, EOS from the model's config, no padding row sampled.
-(The driver's own behaviour, stops, cancellation and rejections, is tested on the mock engine in
-tests/model/serving/test_driver.py.)"""
+"""The paged engine, by hand and through the driver: the JetStream API equals a full forward pass,
+static shapes with zero recompiles after warm-up across every page-count bucket, continuous batching
+and preemption that never change a request's result, per-request sampling on the real model, EOS
+from the model's config, no padding row sampled, a 4-device mesh equal to one device.
+(The driver's own behaviour, stops, cancellation, rejections and the scheduler's page accounting, is
+tested on the mock engine in tests/model/serving/.)"""
 
 import dataclasses
 import random
@@ -13,14 +14,16 @@ import pytest
 
 from model import ckpt
 from model.engine.compilations import compilation_count
-from model.engine.dense import DenseEngine, EngineConfig
+from model.engine.paged import EngineConfig, PagedEngine
 from model.engine.sampling import SamplingParams
-from model.nn import transformer
+from model.nn import sharding, transformer
 from model.serving.driver import Driver
+from model.serving.pages import PagePool
 from model.serving.request import Request
 from model.text.tokenizer import Tokenizer
 
-CONFIG = EngineConfig(prompt_buckets=(8, 16, 32), batch_buckets=(1, 2, 4), slots=4, max_cache_len=64)
+# page 8, 64 positions: page-count buckets 1, 2, 4, 8; prompts up to 30 + up to 30 new tokens reach them all.
+CONFIG = EngineConfig(prompt_buckets=(8, 16, 32), batch_buckets=(1, 2, 4), slots=4, max_cache_len=64, page_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def engine(loaded):
-    engine = DenseEngine(loaded.weights, loaded.cfg, CONFIG)
+    engine = PagedEngine(loaded.weights, loaded.cfg, CONFIG)
     engine.warmup(progress=False)
     return engine
 
@@ -53,20 +56,29 @@ def random_prompt(rng, vocab, lo=1, hi=30):
 
 
 def test_engine_api_prefill_insert_generate_matches_full_forward(engine, loaded):
-    """The JetStream-shaped API by hand: two prompts into slots 3 and 1, then decode steps."""
+    """The JetStream-shaped API by hand: two prompts into slots 3 and 1 and the pages a PagePool gives
+    them (one more page each time a sequence crosses a page boundary), then decode steps."""
     cfg, w = loaded.cfg, loaded.weights
     prompts = [[5, 9, 2, 7, 1], [3, 3, 8, 11, 12, 13, 14, 15, 16, 2, 4]]
+    pages = PagePool(engine.page_layout, engine.max_concurrent_decodes)
     state = engine.init_decode_state()
     prefix = engine.prefill(prompts, SamplingParams.host([0, 0], [0, 0], [1, 1], [0, 0]))
-    state = engine.insert(prefix, state, [3, 1])
+    for slot, prompt in ((3, prompts[0]), (1, prompts[1])):
+        assert pages.allocate(slot, len(prompt) + 1)
+        pages.lengths[slot] = len(prompt)
+    state = engine.insert(prefix, state, [3, 1], pages)
     seqs = {3: list(prompts[0]), 1: list(prompts[1])}
     firsts = np.asarray(prefix.tokens)
     seqs[3].append(int(firsts[0]))
     seqs[1].append(int(firsts[1]))
-    for _ in range(5):
-        state, out = engine.generate(state)
+    for _ in range(12):  # slot 1 reaches 24 tokens: pages 1, 2 and 3
         for slot in (3, 1):
+            assert pages.allocate(slot, int(pages.lengths[slot]) + 1)
+        state, out = engine.generate(state, pages)
+        for slot in (3, 1):
+            pages.lengths[slot] += 1
             seqs[slot].append(int(out.tokens[slot]))
+    assert len(pages.pages_of(1)) == 3 and len(pages.pages_of(3)) == 3
     for slot, prompt in ((3, prompts[0]), (1, prompts[1])):
         full = np.asarray(transformer.full_logits(w, cfg, np.array([seqs[slot]])))[0]
         expected = np.argmax(full[len(prompt) - 1 : -1, : cfg.real_vocab_size], axis=-1)
@@ -76,7 +88,7 @@ def test_engine_api_prefill_insert_generate_matches_full_forward(engine, loaded)
 
 def test_warmup_then_no_compilation_at_all(loaded, tokenizer):
     """A fresh engine: after warm-up, serving compiles nothing, and the engine's own counter says so."""
-    engine = DenseEngine(loaded.weights, loaded.cfg, CONFIG)
+    engine = PagedEngine(loaded.weights, loaded.cfg, CONFIG)
     assert engine.compilations_since_warmup is None
     engine.warmup(progress=False)
     Driver(engine, tokenizer).generate([Request([1] * n, 5, temperature=0.5, top_p=0.8, seed=n) for n in (3, 9, 20, 31)])
@@ -91,7 +103,7 @@ def test_zero_recompiles_after_warmup(engine, loaded, tokenizer):
     for step in range(60):
         for _ in range(rng.choice([0, 0, 1, 3])):
             driver.submit(Request(
-                prompt_ids=random_prompt(rng, loaded.cfg.vocab_size), max_tokens=rng.randint(1, 20),
+                prompt_ids=random_prompt(rng, loaded.cfg.vocab_size), max_tokens=rng.randint(1, 30),
                 temperature=rng.choice([0.0, 0.7, 1.3]), top_k=rng.choice([0, 1, 5, 200]),
                 top_p=rng.choice([1.0, 0.9, 0.3]), seed=rng.randrange(1000),
                 stop=rng.choice([(), ("a",)]),
@@ -99,7 +111,9 @@ def test_zero_recompiles_after_warmup(engine, loaded, tokenizer):
         driver.step()
     while driver.has_work():
         driver.step()
+    driver.generate([Request([1, 2, 3], 4, temperature=0.7, seed=1)])  # alone and short: one page
     assert driver.stats["prefill_batches"] > 5 and driver.stats["decode_steps"] > 20
+    assert set(engine.decode_steps_by_bucket) == set(engine.page_buckets) == {1, 2, 4, 8}
     assert compilation_count() - before == 0
 
 
@@ -168,7 +182,7 @@ def test_max_tokens_stop_token_and_eos(engine, loaded, tokenizer):
     stopped = run_alone(engine, tokenizer, dataclasses.replace(base, stop_token_ids=[stop_token]))
     assert stopped.token_ids == full.token_ids[:stop_at] and stopped.finish_reason == "stop"
 
-    eos_engine = DenseEngine(loaded.weights, dataclasses.replace(loaded.cfg, eos_token_id=stop_token), CONFIG)
+    eos_engine = PagedEngine(loaded.weights, dataclasses.replace(loaded.cfg, eos_token_id=stop_token), CONFIG)
     eos_driver = Driver(eos_engine, tokenizer)
     ignored, honoured = eos_driver.generate([dataclasses.replace(base, request_id="ignore-eos"),
                                              dataclasses.replace(base, request_id="stop-at-eos", stop_at_eos=True)])
@@ -185,7 +199,7 @@ def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
     loaded = ckpt.load("tiny", progress=False)
     bias = loaded.weights.lm_head_bias.at[cfg.real_vocab_size :].set(1e4)
     weights = loaded.weights.replace(lm_head_bias=bias)
-    engine = DenseEngine(weights, cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(2,), slots=4, max_cache_len=32))
+    engine = PagedEngine(weights, cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(2,), slots=4, max_cache_len=32))
     # Extreme temperatures included: a tiny one once overflowed the scaled logits, a huge one
     # (a subnormal reciprocal) turned the padding rows' -inf into NaN, which argmax picked.
     results = Driver(engine, tokenizer).generate([
@@ -200,18 +214,76 @@ def test_padding_vocabulary_rows_are_never_sampled(tokenizer):
 
 def test_config_validation_names_the_problem(loaded):
     with pytest.raises(ValueError, match="largest batch bucket 8 exceeds slots=4"):
-        DenseEngine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(1, 8), slots=4))
+        PagedEngine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(8,), batch_buckets=(1, 8), slots=4))
     with pytest.raises(ValueError, match="largest prompt bucket 512 exceeds max_cache_len=64"):
-        DenseEngine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(512,), slots=4, batch_buckets=(1,),
-                                                        max_cache_len=64))
+        PagedEngine(loaded.weights, loaded.cfg, EngineConfig(prompt_buckets=(512,), slots=4, batch_buckets=(1,),
+                                                             max_cache_len=64))
+    with pytest.raises(ValueError, match=r"page_buckets=\(1, 2\) must .* end at the 8 pages"):
+        PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, page_buckets=(1, 2)))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, attention="flash"))
 
 
-
-
-def test_limits_are_the_real_vocabulary_the_buckets_and_the_cache(engine, loaded):
+def test_limits_pages_and_buckets(engine, loaded):
     from model.serving.request import Limits
 
     assert engine.limits == Limits(loaded.cfg.real_vocab_size, (8, 16, 32), 64)
     assert engine.max_prefill_batch == 4 and engine.samples_per_slot == 1
-    with pytest.raises(NotImplementedError, match="continuing a prefix needs pages"):
+    # On CPU the pool is the dense equivalent (no device memory to size it from): it never runs out,
+    # so nothing is ever recomputed and prefill takes the prompt buckets only.
+    assert (engine.page_layout.page_size, engine.page_layout.num_pages, engine.page_layout.pages_per_seq) == (8, 32, 8)
+    assert engine.prefill_buckets == (8, 16, 32) and engine.page_buckets == (1, 2, 4, 8)
+    assert engine.attention_impl == "reference"
+    with pytest.raises(NotImplementedError, match="continuing a prefix is chunked prefill"):
         engine.prefill([[1, 2]], SamplingParams.host([0], [0], [1], [0]), existing_prefix=object())
+
+
+@pytest.fixture(scope="module")
+def small_pool_engine(loaded):
+    """Room for 12 pages (96 tokens) among 4 slots: requests of up to 64 tokens preempt each other."""
+    engine = PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, num_pages=12))
+    engine.warmup(progress=False)
+    return engine
+
+
+def test_preempted_requests_finish_exactly_as_unpreempted_runs(engine, small_pool_engine, loaded, tokenizer):
+    # A recompute (prompt + up to 29 generated tokens) can pass the prompt buckets: one of 64 is added.
+    assert small_pool_engine.prefill_buckets == (8, 16, 32, 64)
+    rng = random.Random(7)
+    vocab = loaded.cfg.vocab_size
+    requests = [Request(random_prompt(rng, vocab, 10, 30), max_tokens=30, request_id=f"greedy-{i}") for i in range(4)]
+    requests += [Request(random_prompt(rng, vocab, 10, 30), max_tokens=30, temperature=1.0, top_p=0.9, seed=i,
+                         request_id=f"sampled-{i}") for i in range(2)]
+    driver = Driver(small_pool_engine, tokenizer)
+    crowded = driver.generate(requests)
+    assert driver.stats["preemptions"] > 0
+    assert small_pool_engine.compilations_since_warmup == 0
+    for request, result in zip(requests, crowded):
+        alone = run_alone(engine, tokenizer, request)
+        assert result.token_ids == alone.token_ids, request.request_id
+        np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-4)
+    assert driver.kv_usage() == {"kv_pages_total": 12, "kv_pages_used": 0, "kv_pages_free": 12,
+                                 "kv_cache_usage_perc": 0.0}
+
+
+def test_pool_smaller_than_a_context_refuses_what_can_never_fit(loaded, tokenizer):
+    from model.serving.request import RequestRejected
+
+    engine = PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, num_pages=4))  # 32 tokens
+    driver = Driver(engine, tokenizer)
+    with pytest.raises(RequestRejected, match=r"prompt \(20 tokens\) \+ max_tokens \(20\) can never fit the KV cache: "
+                                              r"it holds 32 tokens \(4 pages of 8\)"):
+        driver.submit(Request([1] * 20, 20), lambda o: None)
+    assert driver.waiting == 0
+    assert len(driver.generate([Request([1] * 20, 12)])[0].token_ids) == 12
+
+
+def test_four_device_mesh_equals_one_device(loaded, hf_checkpoint, tokenizer):
+    on_mesh = ckpt.load(hf_checkpoint.path, mesh=sharding.make_mesh(4), progress=False)
+    requests = [Request([5, 9, 2, 7, 1] * 3, 20, request_id="a"), Request([3, 1, 4], 20, temperature=1.0, seed=3,
+                                                                          request_id="b")]
+    one = Driver(PagedEngine(loaded.weights, loaded.cfg, CONFIG), tokenizer).generate(requests)
+    four = Driver(PagedEngine(on_mesh.weights, on_mesh.cfg, CONFIG, sharding.make_mesh(4)), tokenizer).generate(requests)
+    for a, b in zip(one, four):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)

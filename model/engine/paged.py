@@ -1,0 +1,450 @@
+"""The paged engine: JetStream's engine API (model.engine.api) over the GPT-J forward pass, with the
+KV cache in fixed-size pages, so memory and decode cost follow the tokens held.
+
+    prefill(prompts)                      a padded batch of prompts -> Prefix (dense KV prefix + first tokens)
+    insert(prefix, state, slots, pages)   write each prefix row into its slot's pages
+    generate(state, pages)                one decode step for every slot -> (state, StepOutput)
+
+Memory. Per layer a pool of pages [N, P, page, H] (model.nn.paged_cache); which pages a sequence
+holds is the host's block table (model.serving.pages.PagePool, owned by the scheduler, passed in
+to `insert` and `generate`). The pool's size comes from a memory budget: `num_pages` if given, else
+what the devices report free after the weights are loaded, times `hbm_utilization`; on a device that
+reports no memory (CPU) it is the dense equivalent, slots x cdiv(max_cache_len, page_size).
+`slots` is only the decode batch: short sequences need few pages, so more of them fit than a
+slots x max_cache_len reservation would allow.
+
+Shapes, all compiled at warm-up (`warmup`), none after (`compilations_since_warmup` stays 0):
+- prefill and insert: one program per (prefill bucket x batch bucket). A prompt is right-padded to
+  the smallest prompt bucket; the prefill buckets are the prompt buckets plus, when they stop short
+  of `max_cache_len` and the pool can run out, one of that length, so a preempted request can be
+  recomputed from its prompt and everything it generated (model.serving.scheduler);
+- decode: one program per page-count bucket (powers of two up to the pages of one sequence, or
+  `page_buckets`). Each step runs every slot over the block tables cut to the smallest bucket that
+  holds the longest live sequence, so a step over short sequences reads few pages.
+
+Decode attention per backend (model.nn.paged_attention): the Pallas TPU paged-attention kernel under
+shard_map over heads on TPU, the Pallas (Triton) GPU kernel on GPU, pure JAX over the pages in use
+elsewhere and as the reference. int8 KV on TPU falls back to the pure-JAX path, and says so.
+
+A slot that holds no request still computes (the batch shape is fixed): it writes to the trash page
+and attends over nothing; the driver ignores its token. Each jitted function donates the decode
+state and constrains its outputs to the shardings of its inputs, so the state never changes layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.engine import api
+from model.engine.buckets import smallest_fitting
+from model.engine.sampling import SamplingParams, sample
+from model.nn import paged_attention
+from model.nn import sharding as shard_lib
+from model.nn.config import GPTJConfig
+from model.nn.kv_cache import KVCache
+from model.nn.paged_cache import PagedKV, write_prompt
+from model.nn.sharding import BATCH, PAGES, SEQ, ParamSpec, is_spec
+from model.nn.transformer import Weights, activation_dtype, decode_forward, forward, logits
+from model.serving.pages import PageLayout, PagePool, cdiv
+from model.serving.request import Limits
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048)
+ATTENTION = ("auto",) + paged_attention.IMPLS
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS
+    batch_buckets: tuple[int, ...] = (1, 4, 16)  # prefill batch sizes
+    slots: int = 16  # the decode batch: sequences decoded per step
+    max_cache_len: int | None = None  # the longest context one sequence may reach; default: the model's n_positions
+    kv_cache_dtype: str = "auto"  # "auto": the activation dtype; "int8": per-token-per-head int8
+    page_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # pages in the pool; None: from device memory, else the dense equivalent.
+    #                               Fewer than one context's worth is allowed: longer requests are refused
+    page_buckets: tuple[int, ...] | None = None  # decode page-count buckets; None: powers of two
+    attention: str = "auto"  # decode attention: "auto" (by platform) or one of paged_attention.IMPLS
+    hbm_utilization: float = 0.9  # fraction of device memory weights + pool may take, when sizing the pool
+
+    def cache_len(self, cfg: GPTJConfig) -> int:
+        return self.max_cache_len or cfg.n_positions
+
+    def pages_per_seq(self, cfg: GPTJConfig) -> int:
+        return cdiv(self.cache_len(cfg), self.page_size)
+
+    def decode_page_buckets(self, cfg: GPTJConfig) -> tuple[int, ...]:
+        pps = self.pages_per_seq(cfg)
+        if self.page_buckets is not None:
+            return tuple(self.page_buckets)
+        powers = tuple(1 << i for i in range(pps.bit_length()) if 1 << i < pps)
+        return powers + (pps,)
+
+    def prefill_buckets(self, cfg: GPTJConfig, num_pages: int) -> tuple[int, ...]:
+        """Prompt buckets, plus max_cache_len when they stop short of it and a pool of `num_pages` can
+        run out (fewer than every slot's longest sequence): a preempted request is recomputed from
+        its prompt and what it generated, up to the whole context."""
+        cache_len = self.cache_len(cfg)
+        preemptible = num_pages < self.slots * self.pages_per_seq(cfg)
+        extra = (cache_len,) if preemptible and self.prompt_buckets[-1] < cache_len else ()
+        return tuple(self.prompt_buckets) + extra
+
+    def validate(self, cfg: GPTJConfig) -> None:
+        cache_len = self.cache_len(cfg)
+        if cache_len > cfg.n_positions:
+            raise ValueError(f"max_cache_len={cache_len} exceeds the model's n_positions={cfg.n_positions}")
+        for name in ("prompt_buckets", "batch_buckets"):
+            buckets = getattr(self, name)
+            if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+                raise ValueError(f"{name}={buckets} must be positive, strictly increasing and non-empty")
+        if self.prompt_buckets[-1] > cache_len:
+            raise ValueError(f"largest prompt bucket {self.prompt_buckets[-1]} exceeds max_cache_len={cache_len}")
+        if self.batch_buckets[-1] > self.slots:
+            raise ValueError(f"largest batch bucket {self.batch_buckets[-1]} exceeds slots={self.slots}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be positive, got {self.page_size}")
+        pps = self.pages_per_seq(cfg)
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be positive, got {self.num_pages}")
+        buckets = self.decode_page_buckets(cfg)
+        if list(buckets) != sorted(set(buckets)) or buckets[0] < 1 or buckets[-1] != pps:
+            raise ValueError(f"page_buckets={buckets} must be positive, strictly increasing and end at the "
+                             f"{pps} pages of a {cache_len}-token sequence")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if not 0 < self.hbm_utilization <= 1:
+            raise ValueError(f"hbm_utilization must be in (0, 1], got {self.hbm_utilization}")
+
+    @property
+    def kv_int8(self) -> bool:
+        return self.kv_cache_dtype == "int8"
+
+
+@flax.struct.dataclass
+class Prefix:
+    """The result of prefill for a batch of b prompts padded to T: a dense KV prefix, written into
+    pages by `insert`."""
+
+    cache: KVCache  # [b, T]
+    tokens: jax.Array  # [b] first generated token
+    logprobs: jax.Array  # [b]
+    steps: jax.Array  # [b] the sampling step of `tokens` (0, or the tokens a recomputed request had)
+    params: SamplingParams  # [b]
+
+    @staticmethod
+    def param_specs(cfg: GPTJConfig, batch: int, length: int, dtype, kv_int8: bool = False) -> "Prefix":
+        row = lambda dt: ParamSpec((batch,), dt, (BATCH,))  # noqa: E731
+        return Prefix(
+            cache=KVCache.param_specs(cfg, batch, length, dtype, kv_int8),
+            tokens=row(jnp.int32),
+            logprobs=row(jnp.float32),
+            steps=row(jnp.int32),
+            params=_sampling_specs(row),
+        )
+
+
+@flax.struct.dataclass
+class DecodeState:
+    pages: PagedKV  # the pool; which slot holds which pages is the host's PagePool
+    tokens: jax.Array  # [slots] the last generated token, fed to the next step
+    steps: jax.Array  # [slots] the sampling step of the next token (the sampling key's step)
+    params: SamplingParams  # [slots]
+
+    @staticmethod
+    def param_specs(cfg: GPTJConfig, slots: int, total_pages: int, page_size: int, dtype,
+                    kv_int8: bool = False) -> "DecodeState":
+        row = lambda dt: ParamSpec((slots,), dt, (BATCH,))  # noqa: E731
+        return DecodeState(
+            pages=PagedKV.param_specs(cfg, total_pages, page_size, dtype, kv_int8),
+            tokens=row(jnp.int32),
+            steps=row(jnp.int32),
+            params=_sampling_specs(row),
+        )
+
+
+@flax.struct.dataclass
+class StepOutput:
+    tokens: jax.Array  # [slots]
+    logprobs: jax.Array  # [slots]
+
+
+def _sampling_specs(row) -> SamplingParams:
+    return SamplingParams(temperature=row(jnp.float32), top_k=row(jnp.int32), top_p=row(jnp.float32),
+                          seed=row(jnp.int32))
+
+
+def _constrain(tree, specs, mesh):
+    return jax.tree.map(
+        lambda x, s: jax.lax.with_sharding_constraint(x, shard_lib.named_sharding(mesh, s)),
+        tree,
+        specs,
+        is_leaf=is_spec,
+    )
+
+
+def _prefill_impl(weights: Weights, tokens, lengths, steps, params: SamplingParams, *, cfg: GPTJConfig, mesh,
+                  kv_int8: bool) -> Prefix:
+    b, t = tokens.shape
+    specs = KVCache.param_specs(cfg, b, t, activation_dtype(weights), kv_int8)
+    cache = _constrain(shard_lib.zeros(specs), specs, mesh)
+    token_valid = jnp.arange(t)[None, :] < lengths[:, None]  # [b, T]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, cache = forward(weights, cfg, tokens, positions, token_valid, cache, jnp.zeros((b,), jnp.int32))
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
+    first, logprob = sample(logits(weights, last), params, steps, cfg.real_vocab_size)
+    return Prefix(cache=cache, tokens=first, logprobs=logprob, steps=steps, params=params)
+
+
+def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, page_ids, *, mesh, specs) -> DecodeState:
+    """Write prefix rows into pages page_ids [b, cdiv(T, page)] and their settings into slots
+    slot_ids [b]; slot id == slots (out of range) marks a padding row (its pages are the trash page)."""
+    pages = PagedKV(
+        k=tuple(write_prompt(d, x, page_ids) for d, x in zip(state.pages.k, prefix.cache.k)),
+        v=tuple(write_prompt(d, x, page_ids) for d, x in zip(state.pages.v, prefix.cache.v)),
+    )
+    put = lambda dst, src: dst.at[slot_ids].set(src, mode="drop")  # noqa: E731
+    new = DecodeState(
+        pages=pages,
+        tokens=put(state.tokens, prefix.tokens),
+        steps=put(state.steps, prefix.steps + 1),
+        params=jax.tree.map(put, state.params, prefix.params),
+    )
+    return _constrain(new, specs, mesh)
+
+
+def _generate_impl(weights: Weights, state: DecodeState, block_tables, positions, *, cfg: GPTJConfig, mesh, specs,
+                   attention_impl: str) -> tuple[DecodeState, StepOutput]:
+    """positions [slots]: where each slot's token goes (its length so far), -1 for a free slot."""
+    hidden, pages = decode_forward(weights, cfg, state.tokens, positions, state.pages, block_tables,
+                                   attention_impl=attention_impl, mesh=mesh)
+    tokens, logprobs = sample(logits(weights, hidden), state.params, state.steps, cfg.real_vocab_size)
+    new = DecodeState(pages=pages, tokens=tokens, steps=state.steps + 1, params=state.params)
+    return _constrain(new, specs, mesh), StepOutput(tokens=tokens, logprobs=logprobs)
+
+
+class PagedEngine(api.Engine):
+    """The engine API over a paged KV cache (see the module docstring)."""
+
+    def __init__(self, weights: Weights, model_config: GPTJConfig, config: EngineConfig = EngineConfig(), mesh=None):
+        config.validate(model_config)
+        self.weights = weights
+        self.model_config = model_config
+        self.config = config
+        self.mesh = mesh if mesh is not None else shard_lib.make_mesh(1)
+        self.cache_len = config.cache_len(model_config)
+        self.dtype = activation_dtype(weights)
+        self.page_buckets = config.decode_page_buckets(model_config)
+        self._layout = PageLayout(config.page_size, self._pool_pages(), config.pages_per_seq(model_config))
+        self._prefill_buckets = config.prefill_buckets(model_config, self._layout.num_pages)
+        self._limits = Limits(model_config.real_vocab_size, tuple(config.prompt_buckets), self.cache_len)
+        self.attention_impl = _attention_impl(model_config, config, self.mesh)
+        self._state_specs = DecodeState.param_specs(model_config, config.slots, self._layout.num_pages + 1,
+                                                    config.page_size, self.dtype, config.kv_int8)
+        self._prefill, self._insert, self._generate = _jitted(model_config, config, self.mesh, self._state_specs,
+                                                              self.attention_impl)
+        self.decode_steps_by_bucket: collections.Counter[int] = collections.Counter()  # after warm-up
+
+    def _pool_pages(self) -> int:
+        """Pages the pool gets: `num_pages`, else what the devices have free after the weights (times
+        hbm_utilization, the same on every device since heads split evenly), else the dense equivalent."""
+        cfg, config = self.model_config, self.config
+        if config.num_pages is not None:
+            return config.num_pages
+        dense_equivalent = config.slots * config.pages_per_seq(cfg)
+        stats = [d.memory_stats() for d in self.mesh.devices.flat]
+        if any(not s or "bytes_limit" not in s for s in stats):
+            return dense_equivalent
+        free = min(s["bytes_limit"] * config.hbm_utilization - s.get("bytes_in_use", 0) for s in stats)
+        per_device = PagedKV.bytes_per_page(cfg, config.page_size, self.dtype, config.kv_int8) / self.mesh.size
+        pages = int(free // per_device) - 1  # the trash page
+        if pages < 1:
+            raise ValueError(f"device memory left after the weights ({free / 2**30:.2f} GiB per device at "
+                             f"hbm_utilization={config.hbm_utilization}) holds no KV page")
+        if pages < config.pages_per_seq(cfg):
+            logger.warning(f"the KV pool ({pages} pages of {config.page_size}) holds less than one "
+                           f"{self.cache_len}-token sequence: longer requests are refused")
+        return pages
+
+    # -- what a request may be ------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.model_config.eos_token_id
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self.config.slots
+
+    @property
+    def max_prefill_batch(self) -> int:
+        return self.config.batch_buckets[-1]
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        return self._prefill_buckets
+
+    @property
+    def page_layout(self) -> PageLayout:
+        return self._layout
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def init_decode_state(self) -> DecodeState:
+        return jax.device_put(shard_lib.zeros(self._state_specs), shard_lib.shardings(self.mesh, self._state_specs))
+
+    def prefill(self, prompts: Sequence[Sequence[int]], params: SamplingParams, existing_prefix=None,
+                steps: Sequence[int] | None = None) -> Prefix:
+        """Prefill a batch of token-id prompts (padded here to buckets). `params` has one row per
+        prompt (host arrays); padding rows get greedy settings. `steps`: each prompt's first sampling
+        step (default 0; a recomputed request continues its own)."""
+        if existing_prefix is not None:
+            raise NotImplementedError("this engine prefills whole prompts; continuing a prefix is chunked prefill")
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("prefill needs at least one prompt")
+        t = self._bucket(max(len(p) for p in prompts), self._prefill_buckets, "prompt")
+        b = self._bucket(n, self.config.batch_buckets, "prefill batch")
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.zeros((b,), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+            lengths[row] = len(prompt)
+        first_steps = np.zeros((b,), np.int32)
+        first_steps[:n] = steps if steps is not None else 0
+        return self._prefill(self.weights, tokens, lengths, first_steps, _pad_rows(params, b))
+
+    def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int], pages: PagePool) -> DecodeState:
+        """Write prefix rows 0..len(slots)-1 into those slots' pages (taken in `pages` already);
+        the rest of the padded batch goes to the trash page."""
+        b, t = prefix.cache.batch, prefix.cache.length
+        slot_ids = np.full((b,), self.config.slots, np.int32)
+        slot_ids[: len(slots)] = slots
+        page_ids = np.zeros((b, cdiv(t, self.config.page_size)), np.int32)
+        page_ids[: len(slots)] = pages.table[list(slots), : page_ids.shape[1]]
+        return self._insert(prefix, state, slot_ids, page_ids)
+
+    def generate(self, state: DecodeState, pages: PagePool) -> tuple[DecodeState, StepOutput]:
+        """One decode step for every slot, over the block tables cut to the page bucket that holds
+        the longest sequence after this step's token."""
+        longest = int(pages.lengths.max()) + 1
+        n = self._bucket(self._layout.pages_for(longest), self.page_buckets, "page count")
+        positions = np.where(pages.lengths > 0, pages.lengths, -1).astype(np.int32)
+        if self.warmup_seconds is not None:
+            self.decode_steps_by_bucket[n] += 1
+        return self._generate(self.weights, state, pages.table[:, :n].copy(), positions)
+
+    @staticmethod
+    def _bucket(size: int, buckets: Sequence[int], what: str) -> int:
+        bucket = smallest_fitting(size, buckets)
+        if bucket is None:  # the driver checks requests against `limits` first: a caller's bug
+            raise ValueError(f"{what} of {size} exceeds the largest bucket {buckets[-1]}")
+        return bucket
+
+    # -- warm-up ----------------------------------------------------------------------------------
+
+    def warmup(self, progress: bool = True) -> float:
+        """Compile every prefill / insert shape and the decode step of every page bucket; returns the
+        seconds it took. Runs on a scratch page table, writing only the trash page."""
+        start = self._warmup_started()
+        state = self.init_decode_state()
+        scratch = PagePool(self._layout, self.config.slots)  # nothing allocated: every write goes to the trash page
+        shapes = [(t, b) for t in self._prefill_buckets for b in self.config.batch_buckets]
+        for i, (t, b) in enumerate(shapes):
+            if progress:
+                _progress(f"prefill+insert shape {i + 1}/{len(shapes)} (prompt {t}, batch {b})", start)
+            params = SamplingParams.host([0.0] * b, [0] * b, [1.0] * b, [0] * b)
+            prefix = self.prefill([[0] * t] * b, params)  # length t selects bucket t
+            state = self.insert(prefix, state, list(range(b)), scratch)
+        for i, n in enumerate(self.page_buckets):
+            if progress:
+                _progress(f"decode step {i + 1}/{len(self.page_buckets)} ({n} pages per sequence)", start)
+            scratch.lengths[0] = (n - 1) * self.config.page_size  # selects page bucket n; its table row is trash
+            state, out = self.generate(state, scratch)
+        scratch.lengths[0] = 0
+        jax.block_until_ready(out)
+        seconds = self._warmed_up(start)
+        if progress:
+            print(f"warm-up: {len(shapes)} prefill shapes and {len(self.page_buckets)} decode steps compiled in "
+                  f"{seconds:.1f}s ({self._layout.num_pages} KV pages of {self.config.page_size} tokens, "
+                  f"attention: {self.attention_impl})", file=sys.stderr, flush=True)
+        return seconds
+
+
+def _progress(what: str, start: float) -> None:
+    print(f"warm-up: {what}, {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+def _attention_impl(cfg: GPTJConfig, config: EngineConfig, mesh) -> str:
+    """The decode attention for this mesh's platform, logging an explicit fallback."""
+    if config.attention != "auto":
+        return config.attention
+    platform = mesh.devices.flat[0].platform
+    impl, fallback = paged_attention.choose_impl(platform, config.kv_int8, cfg.head_dim)
+    if fallback:
+        logger.warning(f"decode attention on {platform}: {impl} ({fallback})")
+    return impl
+
+
+def _jitted(cfg: GPTJConfig, config: EngineConfig, mesh, specs: DecodeState, attention_impl: str):
+    """The engine's three jitted functions: prefill, insert (donates the state), generate (donates it)."""
+    prefill = jax.jit(functools.partial(_prefill_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8))
+    insert = jax.jit(functools.partial(_insert_impl, mesh=mesh, specs=specs), donate_argnums=(1,))
+    generate = jax.jit(functools.partial(_generate_impl, cfg=cfg, mesh=mesh, specs=specs,
+                                         attention_impl=attention_impl), donate_argnums=(1,))
+    return prefill, insert, generate
+
+
+def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dtype, quantize: bool,
+                     attention_impl: str) -> list[tuple[str, object, tuple]]:
+    """Every function serving compiles, with abstract arguments (shapes, dtypes, shardings on `mesh`;
+    nothing allocated): [(name, jitted function, args)] for `jax.export` (bench.lower). Needs
+    `config.num_pages` (no device to measure). Names: prefill_t{T}_b{B}, insert_t{T}_b{B}, decode_p{n}."""
+    if config.num_pages is None:
+        raise ValueError("lowering needs an explicit num_pages: there is no device memory to size the pool from")
+    config.validate(model_config)
+    cfg = model_config
+    abstract = lambda specs: jax.tree.map(  # noqa: E731
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard_lib.named_sharding(mesh, s)), specs,
+        is_leaf=is_spec)
+    int32 = lambda shape, axes: abstract(ParamSpec(shape, jnp.int32, axes))  # noqa: E731
+    weights = abstract(Weights.param_specs(cfg, dtype, quantize))
+    specs = DecodeState.param_specs(cfg, config.slots, config.num_pages + 1, config.page_size, dtype, config.kv_int8)
+    state = abstract(specs)
+    prefill, insert, generate = _jitted(cfg, config, mesh, specs, attention_impl)
+    targets = []
+    for t in config.prefill_buckets(cfg, config.num_pages):
+        for b in config.batch_buckets:
+            rows = abstract(Prefix.param_specs(cfg, b, t, dtype, config.kv_int8))
+            args = (weights, int32((b, t), (BATCH, SEQ)), int32((b,), (BATCH,)), rows.steps, rows.params)
+            targets.append((f"prefill_t{t}_b{b}", prefill, args))
+            page_ids = int32((b, cdiv(t, config.page_size)), (BATCH, PAGES))
+            targets.append((f"insert_t{t}_b{b}", insert, (rows, state, int32((b,), (BATCH,)), page_ids)))
+    for n in config.decode_page_buckets(cfg):
+        block_tables = int32((config.slots, n), (BATCH, PAGES))
+        targets.append((f"decode_p{n}", generate, (weights, state, block_tables, int32((config.slots,), (BATCH,)))))
+    return targets
+
+
+def _pad_rows(params: SamplingParams, rows: int) -> SamplingParams:
+    """Pad host sampling settings to `rows` rows with greedy, unfiltered settings."""
+    n = len(params.temperature)
+    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    return jax.tree.map(lambda a, fill: np.pad(np.asarray(a), (0, rows - n), constant_values=fill), params, greedy)
