@@ -31,12 +31,26 @@ class AppArgs(BaseModel):
     # -- the engine ------------------------------------------------------------------------------
     prompt_buckets: tuple[int, ...] = (32, 128, 512)
     prefill_batch_buckets: tuple[int, ...] = (1, 4, 8)
-    slots: int = Field(8, ge=1, description="concurrent decodes per replica")
+    slots: int = Field(
+        8, ge=1, description="decode batch: sequences decoded per step (not a memory reservation: the KV cache "
+        "is paged, and a request is admitted only when its pages are free too)"
+    )
     replica_threads: int = Field(
         0, ge=0, description="OMP_NUM_THREADS for the replica's XLA CPU work; 0: every core of its host "
         "(Ray forces 1 on an actor that reserves no CPU, which makes CPU inference several times slower)"
     )
-    max_cache_len: int | None = Field(None, description="cache positions per slot (default: model n_positions)")
+    max_cache_len: int | None = Field(
+        None, ge=1, description="the longest context a sequence may reach (default: model n_positions)"
+    )
+    page_size: int = Field(16, ge=1, description="tokens per KV-cache page")
+    kv_pages: int | None = Field(
+        None, ge=1, description="usable KV pages in the pool; default: sized from device memory (hbm_utilization), "
+        "else slots x pages per max_cache_len"
+    )
+    hbm_utilization: float = Field(
+        0.9, gt=0, le=1, description="fraction of each device's memory the weights and the KV pool may take "
+        "together (vLLM's gpu_memory_utilization); sizes the pool when kv_pages is not set"
+    )
 
     # -- the batcher -----------------------------------------------------------------------------
     batch_max_size: int = Field(8, ge=1, description="largest prefill batch the batcher forms")

@@ -5,8 +5,11 @@ Each deployment records what it alone can see:
   arrival to the chunks leaving), and tokens in and out.
 - Batcher: the size of the prefill batches it forms, requests it holds, and requests it turns away.
 - Replica: how long requests wait for a decode slot (queue time), the prefill batches the engine runs
-  (by prompt bucket), slot occupancy, the waiting queue, and XLA compilations since warm-up (must
-  stay 0: a non-zero value means a shape escaped the buckets and a request paid for a compile).
+  (by prompt bucket), slot occupancy, the waiting queue, the KV cache's pages (used, free, and the
+  fraction used: vLLM's `kv_cache_usage_perc`), preemptions (requests whose pages were taken back
+  when a growing sequence found none free; they are requeued and recomputed), and XLA compilations
+  since warm-up (must stay 0: a non-zero value means a shape escaped the buckets and a request paid
+  for a compile).
 
 Serve adds the `deployment`, `replica` and `application` tags itself. Construct these objects inside a
 deployment (its `__init__`), never at import time, so every process registers only its own metrics.
@@ -58,4 +61,10 @@ class ReplicaMetrics:
         self.slots_active = Gauge("gptj_slots_active", "decode slots holding a request")
         self.slot_occupancy = Gauge("gptj_slot_occupancy", "fraction of decode slots holding a request")
         self.waiting = Gauge("gptj_waiting_requests", "requests waiting in the replica for a slot")
+        self.kv_pages_used = Gauge("gptj_kv_pages_used", "KV-cache pages the replica's sequences hold")
+        self.kv_pages_free = Gauge("gptj_kv_pages_free", "KV-cache pages free to hand out")
+        self.kv_cache_usage = Gauge("gptj_kv_cache_usage_perc", "fraction of the KV-cache pages in use (0 to 1)")
+        self.preemptions = Counter(
+            "gptj_preemptions", "requests preempted for want of a free KV page (requeued and recomputed)"
+        )
         self.compilations = Gauge("gptj_compilations_since_warmup", "XLA compilations after warm-up (expected 0)")

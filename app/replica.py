@@ -1,9 +1,10 @@
 """The model replica: holds the weights and the engine, runs the continuous-batching loop.
 
 Lifecycle. `__init__` runs its `driver_factory` (by default `load_driver`) on a worker thread: it
-loads the checkpoint onto the mesh, builds the engine and compiles every shape (`Engine.warmup`); then
-the driver's stepping thread starts. Tests pass another factory (a driver over the mock engine,
-model/engine/mock.py) to test serving behaviour without a model.
+loads the checkpoint onto the mesh, builds the paged engine (its KV page pool: `kv_pages` pages of
+`page_size` tokens, or what the devices have left after the weights up to `hbm_utilization`) and
+compiles every shape (`Engine.warmup`); then the driver's stepping thread starts. Tests pass another
+factory (a driver over the mock engine, model/engine/mock.py) to test serving behaviour without a model.
 Serve sends no request and counts no health check until `__init__` returns, so the replica is healthy
 (and the ingress's readiness route answers 200) only once it is warm. JAX is first imported there,
 from `__init__`, and nowhere else in the app: the ingress and batcher never touch an accelerator.
@@ -72,7 +73,7 @@ def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | 
     os.environ["OMP_NUM_THREADS"] = str(args.replica_threads or os.cpu_count())
 
     from model import ckpt
-    from model.engine.dense import DenseEngine, EngineConfig
+    from model.engine.paged import EngineConfig, PagedEngine
     from model.nn.sharding import make_mesh
     from model.serving.driver import Driver
 
@@ -87,11 +88,14 @@ def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | 
                        f"{args.checkpoint}; serving with {list(prompt_buckets)}")
     config = EngineConfig(
         prompt_buckets=prompt_buckets, batch_buckets=tuple(args.prefill_batch_buckets), slots=args.slots,
-        max_cache_len=args.max_cache_len, kv_cache_dtype=args.kv_cache_dtype,
+        max_cache_len=args.max_cache_len, kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
+        num_pages=args.kv_pages, hbm_utilization=args.hbm_utilization,
     )
-    engine = DenseEngine(loaded.weights, loaded.cfg, config, mesh)
+    engine = PagedEngine(loaded.weights, loaded.cfg, config, mesh)
     engine.warmup()
+    layout = engine.page_layout
     logger.info(f"engine ready: {args.checkpoint} ({loaded.source}) on {args.mesh} device(s), "
+                f"{layout.num_pages} KV pages of {layout.page_size} tokens, "
                 f"warm-up {engine.warmup_seconds:.1f}s, total {time.perf_counter() - start:.1f}s")
     return Driver(engine, ckpt.tokenizer_for(args.checkpoint), on_prefill=on_prefill)
 
@@ -283,7 +287,8 @@ class Replica:
         return {HELD_REQUESTS: float(len(self._open))}
 
     def stats(self) -> dict:
-        """The engine loop's counters (prefill batches and rows, decode steps, tokens) and state."""
+        """The engine loop's counters (prefill batches and rows, decode steps, tokens out, preemptions)
+        and state (slots, waiting requests, KV pages total / used / free and the fraction used)."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "active_slots": self._driver.active_slots,
@@ -291,7 +296,8 @@ class Replica:
             "cancelled": self._cancelled_slots,
             "compilations_since_warmup": self._driver.engine.compilations_since_warmup,
             "warmup_seconds": self._driver.engine.warmup_seconds,
-            **dict.fromkeys(("prefill_batches", "prefill_rows", "decode_steps", "tokens_out"), 0),
+            **self._driver.kv_usage(),
+            **dict.fromkeys(("prefill_batches", "prefill_rows", "decode_steps", "tokens_out", "preemptions"), 0),
             **self._driver.stats,
         }
 
@@ -330,10 +336,19 @@ class Replica:
 
     async def _update_gauges(self) -> None:
         slots = self._driver.engine.max_concurrent_decodes
+        preemptions_seen = 0
         while True:
             active = self._driver.active_slots
             self._metrics.slots_active.set(active)
             self._metrics.slot_occupancy.set(active / slots)
             self._metrics.waiting.set(self._driver.waiting)
+            kv = self._driver.kv_usage()
+            self._metrics.kv_pages_used.set(kv["kv_pages_used"])
+            self._metrics.kv_pages_free.set(kv["kv_pages_free"])
+            self._metrics.kv_cache_usage.set(kv["kv_cache_usage_perc"])
+            preemptions = self._driver.stats.get("preemptions", 0)
+            if preemptions > preemptions_seen:  # the counter moves by what this period added
+                self._metrics.preemptions.inc(preemptions - preemptions_seen)
+                preemptions_seen = preemptions
             self._metrics.compilations.set(self._driver.engine.compilations_since_warmup or 0)
             await asyncio.sleep(GAUGE_PERIOD_S)

@@ -2,22 +2,31 @@
 same weights, same device, same run.
 
     python -m bench.engine --checkpoint PATH_OR_PRESET --batch-sizes 1,8,32 --prompt-len 128 \\
-        --new-tokens 64 [--dtype float32|bfloat16] [--quantize int8] [--kv-cache-dtype int8] \\
-        [--compare-hf] [--mesh N] [--repeats R] [--json]
+        --new-tokens 64 [--max-cache-len L] [--page-size P] [--dtype float32|bfloat16] [--quantize int8] \\
+        [--kv-cache-dtype int8] [--compare-hf] [--mesh N] [--repeats R] [--json]
 
 One row for each (system, batch), printed as it is measured: with --json one JSON object per line
 (what scripts read: bench/gpu.sh, bench.roofline, bench.plot_engine), else a line of a table:
     {"system": "engine"|"hf", "batch": B, "prompt_len": P, "new_tokens": N,
      "out_tok_s": ..., "ms_per_step": ..., "prefill_ms": ...}
-engine rows also carry "dtype", "quantize" and "kv_cache_dtype"; hf always runs unquantized weights
-(with --quantize it runs the float weights, and the engine the same checkpoint loaded with
-`quantize="int8"`, as the server's replica loads it).
-timed after warm-up (best of --repeats runs). out_tok_s = B*N / (wall time of the whole generation,
+engine rows also carry "dtype", "quantize", "kv_cache_dtype", "max_cache_len" and "page_size"; hf
+always runs unquantized weights (with --quantize it runs the float weights, and the engine the same
+checkpoint loaded with `quantize="int8"`, as the server's replica loads it).
+Rows are timed after warm-up (best of --repeats runs). out_tok_s = B*N / (wall time of the whole generation,
 prefill included); prefill_ms is the prompt pass alone; ms_per_step = (total - prefill) / (N - 1).
 The engine runs through its driver (the same loop a server runs: host sync, per-token bookkeeping,
 detokenisation), greedy, exactly N tokens per prompt. The hf system runs `generate` greedy with
 min_new_tokens = max_new_tokens = N on the identical weights (exported from our layout).
 Progress goes to stderr; results to stdout.
+
+The engine is the paged one (model.engine.paged): `--max-cache-len` is the context a sequence may
+reach (its block table's length; default prompt + new tokens), `--page-size` the tokens per KV page.
+Its decode reads only the pages the sequences hold, so two runs that differ only in --max-cache-len
+(2048 against prompt + new tokens) measure what a long possible context costs when no request uses it.
+The pool holds the pages the run needs (batch x cdiv(prompt + new tokens, page size), at least one
+--max-cache-len sequence), not what the device has free as a server's would: a step's cost does not
+depend on the pool's size, and the run then fits beside transformers' copy of the weights
+(--compare-hf), which JAX's memory accounting does not see.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from model.nn.config import GPT2_VOCAB_SIZE
 log = logger("bench.engine")
 # The table's columns (without --json): every key a row can have, in this order.
 COLUMNS = ("system", "batch", "prompt_len", "new_tokens", "out_tok_s", "ms_per_step", "prefill_ms", "dtype",
-           "quantize", "kv_cache_dtype")
+           "quantize", "kv_cache_dtype", "max_cache_len", "page_size")
 
 
 def parse_args(argv=None):
@@ -42,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-cache-len", type=int, default=None,
+                   help="the context a sequence may reach (default: prompt-len + new-tokens)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
@@ -58,6 +70,12 @@ def parse_args(argv=None):
         p.error("--batch-sizes needs positive integers")
     if args.new_tokens < 2 or args.prompt_len < 1:
         p.error("--new-tokens must be >= 2 and --prompt-len >= 1")
+    if args.page_size < 1:
+        p.error("--page-size must be >= 1")
+    args.max_cache_len = args.max_cache_len or args.prompt_len + args.new_tokens
+    if args.max_cache_len < args.prompt_len + args.new_tokens:
+        p.error(f"--max-cache-len {args.max_cache_len} is shorter than prompt-len + new-tokens "
+                f"({args.prompt_len + args.new_tokens})")
     return args
 
 
@@ -69,34 +87,40 @@ def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> li
 
 
 def bench_engine(loaded, mesh, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                 kv_cache_dtype: str = "auto") -> dict:
+                 kv_cache_dtype: str = "auto", max_cache_len: int | None = None, page_size: int = 16) -> dict:
     import jax
 
-    from model.engine.dense import DenseEngine, EngineConfig
+    from model.engine.paged import EngineConfig, PagedEngine
     from model.engine.sampling import SamplingParams
     from model.serving.driver import Driver
+    from model.serving.pages import PagePool, cdiv
     from model.serving.request import Request
     from model.text.tokenizer import Tokenizer
 
+    max_cache_len = max_cache_len or prompt_len + new_tokens
     config = EngineConfig(prompt_buckets=(prompt_len,), batch_buckets=(batch,), slots=batch,
-                          max_cache_len=prompt_len + new_tokens, kv_cache_dtype=kv_cache_dtype)
-    engine = DenseEngine(loaded.weights, loaded.cfg, config, mesh)
+                          max_cache_len=max_cache_len, kv_cache_dtype=kv_cache_dtype, page_size=page_size,
+                          num_pages=max(batch * cdiv(prompt_len + new_tokens, page_size), cdiv(max_cache_len, page_size)))
+    engine = PagedEngine(loaded.weights, loaded.cfg, config, mesh)
     log(f"engine batch {batch}: warm-up")
     engine.warmup(progress=False)
     log(f"engine batch {batch}: warm-up took {engine.warmup_seconds:.1f}s")
     prompts = random_prompts(batch, prompt_len, loaded.cfg.vocab_size)
-    driver = Driver(engine, Tokenizer.gpt2())
 
     prefill_s = []
     greedy = SamplingParams.host([0.0] * batch, [0] * batch, [1.0] * batch, [0] * batch)
     for _ in range(repeats):
         state = engine.init_decode_state()
+        pool = PagePool(engine.page_layout, batch)  # pages for the prompts, as the scheduler takes them
+        assert all(pool.allocate(slot, prompt_len) for slot in range(batch))
         jax.block_until_ready(state)
         start = time.perf_counter()
         prefix = engine.prefill(prompts, greedy)
-        jax.block_until_ready(engine.insert(prefix, state, list(range(batch))))
+        jax.block_until_ready(engine.insert(prefix, state, list(range(batch)), pool))
         prefill_s.append(time.perf_counter() - start)
+    del state, prefix  # one pool on the device at a time: the driver allocates its own
 
+    driver = Driver(engine, Tokenizer.gpt2())
     totals = []
     for r in range(repeats):
         requests = [Request(prompt_ids=p, max_tokens=new_tokens) for p in prompts]
@@ -208,8 +232,9 @@ def main(argv=None) -> int:
     # transformers needs the float weights; without it the engine's are quantized at load, as the replica does
     loaded = ckpt.load(args.checkpoint, mesh=mesh, dtype=args.dtype,
                        quantize=None if args.compare_hf else args.quantize)
-    if args.prompt_len + args.new_tokens > loaded.cfg.n_positions:
-        log(f"error: prompt-len + new-tokens exceeds the model's {loaded.cfg.n_positions} positions")
+    if args.max_cache_len > loaded.cfg.n_positions:
+        log(f"error: --max-cache-len {args.max_cache_len} (default prompt-len + new-tokens) exceeds the model's "
+            f"{loaded.cfg.n_positions} positions")
         return 2
     hf = None
     if args.compare_hf:
@@ -218,8 +243,10 @@ def main(argv=None) -> int:
             del loaded
             loaded = ckpt.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     for batch in args.batch_sizes:
-        row = bench_engine(loaded, mesh, batch, args.prompt_len, args.new_tokens, args.repeats, args.kv_cache_dtype)
-        row |= {"dtype": args.dtype, "quantize": args.quantize or "none", "kv_cache_dtype": args.kv_cache_dtype}
+        row = bench_engine(loaded, mesh, batch, args.prompt_len, args.new_tokens, args.repeats, args.kv_cache_dtype,
+                           args.max_cache_len, args.page_size)
+        row |= {"dtype": args.dtype, "quantize": args.quantize or "none", "kv_cache_dtype": args.kv_cache_dtype,
+                "max_cache_len": args.max_cache_len, "page_size": args.page_size}
         emit(row)
     if hf is not None:
         del loaded  # free device memory for the torch runs

@@ -9,6 +9,8 @@ from ray import serve
 
 from app.protocol import InvalidRequest, Overloaded
 from app.schemas import CompletionRequest
+from model.text.tokenizer import Tokenizer
+from tests import cluster
 from tests.cluster import APP_NAME, MODEL_NAME, sse_payloads, stats, wait_until_idle
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -30,6 +32,39 @@ def test_concurrent_requests_share_prefill_batches(serve_app):
     assert rows == 4 and prefills < 4, f"4 concurrent requests took {prefills} prefills"
     assert after["batcher"]["batches"] - before["batcher"]["batches"] < 4
     assert after["compilations_since_warmup"] == 0
+
+
+def test_kv_pages_follow_the_tokens_held(serve_app):
+    """/v1/stats reports the replica's KV page pool: on CPU (no device memory to size it from) the
+    dense equivalent, slots x pages per context; pages in use while a request streams; all free again
+    once it has ended."""
+    idle = wait_until_idle(serve_app.url)
+    page_size, context = serve_app.args.page_size, cluster.APP_MODEL_CONFIG.n_positions
+    total = serve_app.args.slots * context // page_size
+    assert (idle["kv_pages_total"], idle["kv_pages_used"], idle["kv_pages_free"]) == (total, 0, total)
+    assert idle["kv_cache_usage_perc"] == 0 and idle["preemptions"] == 0
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+    async def stats_mid_stream() -> dict:
+        async with httpx.AsyncClient(base_url=serve_app.url, timeout=60) as client:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: "):  # the first token is out: the request holds pages
+                        break
+                during = await asyncio.to_thread(stats, serve_app.url)
+                async for _ in lines:  # to the end
+                    pass
+        return during
+
+    during = asyncio.run(stats_mid_stream())
+    assert during["active_slots"] == 1, during  # still generating when the stats were read
+    prompt_len = len(Tokenizer.gpt2().encode(PROMPT))
+    assert -(-(prompt_len + 1) // page_size) <= during["kv_pages_used"] <= -(-(prompt_len + 200) // page_size)
+    assert during["kv_pages_used"] + during["kv_pages_free"] == total
+    assert during["kv_cache_usage_perc"] == pytest.approx(during["kv_pages_used"] / total)
+    after = wait_until_idle(serve_app.url)
+    assert (after["kv_pages_used"], after["kv_pages_free"], after["kv_cache_usage_perc"]) == (0, total, 0)
 
 
 def test_overload_answers_503_with_retry_after(serve_app):
@@ -134,7 +169,8 @@ def test_prometheus_metrics_are_exported(serve_app):
 
     wanted = {"ray_gptj_time_to_first_token_seconds_count", "ray_gptj_time_per_output_token_seconds_count",
               "ray_gptj_queue_seconds_count", "ray_gptj_prefill_batch_size_count", "ray_gptj_batcher_batch_size_count",
-              "ray_gptj_output_tokens_total", "ray_gptj_slot_occupancy", "ray_gptj_compilations_since_warmup"}
+              "ray_gptj_output_tokens_total", "ray_gptj_slot_occupancy", "ray_gptj_compilations_since_warmup",
+              "ray_gptj_kv_pages_used", "ray_gptj_kv_pages_free", "ray_gptj_kv_cache_usage_perc"}
     httpx.post(f"{serve_app.url}/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4},
                timeout=60).raise_for_status()
     port = ray.nodes()[0]["MetricsExportPort"]
@@ -147,3 +183,8 @@ def test_prometheus_metrics_are_exported(serve_app):
         assert time.monotonic() < deadline, f"missing metrics: {sorted(wanted - samples.keys())}"
         time.sleep(2)
     assert samples["ray_gptj_compilations_since_warmup"].endswith(" 0.0")
+    total = stats(serve_app.url)["kv_pages_total"]
+    ours = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in lines
+            if line.startswith("ray_gptj_kv_") and f'application="{APP_NAME}"' in line}
+    assert 0 < ours["ray_gptj_kv_pages_free"] <= total and 0 <= ours["ray_gptj_kv_pages_used"] < total
+    assert 0 <= ours["ray_gptj_kv_cache_usage_perc"] < 1

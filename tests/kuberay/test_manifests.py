@@ -238,6 +238,8 @@ def test_deployment_placement_and_jax_platforms():
         assert effective_env(config, name)["JAX_PLATFORMS"] == "cpu"
     assert (args.dtype, args.quantize, args.checkpoint.startswith("gs://")) == ("bfloat16", "int8", True)
     assert max(args.prompt_buckets) == 1919 and args.slots >= args.batch_max_size
+    # 64-token KV pages (what both JAX paged-attention kernels suit), the pool sized from HBM
+    assert (args.page_size, args.kv_pages, args.max_cache_len % args.page_size) == (64, None, 0)
 
 
 def test_ray_autoscaler_sees_the_worker_groups_as_intended(overlay):
