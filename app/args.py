@@ -97,3 +97,13 @@ class AppArgs(BaseModel):
         if self.prefill_batch_buckets and max(self.prefill_batch_buckets) > self.slots:
             raise ValueError(f"prefill_batch_buckets={list(self.prefill_batch_buckets)} exceed slots={self.slots}")
         return self
+
+    def engine_options(self, prompt_buckets: tuple[int, ...] | None = None) -> dict:
+        """The paged engine's config fields (model.engine.paged.EngineConfig) these args give: the one
+        mapping the replica serves with and bench.lower lowers. `prompt_buckets` replaces the args'
+        own (the replica fits them to the checkpoint's context)."""
+        return dict(
+            prompt_buckets=tuple(prompt_buckets or self.prompt_buckets), batch_buckets=tuple(self.prefill_batch_buckets),
+            slots=self.slots, max_cache_len=self.max_cache_len, kv_cache_dtype=self.kv_cache_dtype,
+            page_size=self.page_size, num_pages=self.kv_pages, hbm_utilization=self.hbm_utilization,
+        )

@@ -86,11 +86,7 @@ def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | 
     if prompt_buckets != tuple(args.prompt_buckets):
         logger.warning(f"prompt buckets {list(args.prompt_buckets)} exceed the {cache_len}-position cache of "
                        f"{args.checkpoint}; serving with {list(prompt_buckets)}")
-    config = EngineConfig(
-        prompt_buckets=prompt_buckets, batch_buckets=tuple(args.prefill_batch_buckets), slots=args.slots,
-        max_cache_len=args.max_cache_len, kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
-        num_pages=args.kv_pages, hbm_utilization=args.hbm_utilization,
-    )
+    config = EngineConfig(**args.engine_options(prompt_buckets))
     engine = PagedEngine(loaded.weights, loaded.cfg, config, mesh)
     engine.warmup()
     layout = engine.page_layout

@@ -98,15 +98,14 @@ def overlay_args(overlay: str) -> dict:
 
 
 def engine_config(args: dict, cfg):
-    """EngineConfig from application args as app.replica.load_driver maps them, with the pool made
-    explicit: kv_pages, else the dense equivalent (no device memory to size it from)."""
+    """EngineConfig from application args as the replica maps them (AppArgs.engine_options), with the
+    pool made explicit: kv_pages, else the dense equivalent (no device memory to size it from). The
+    args were validated as the overlay's; command-line overrides are checked by EngineConfig (the
+    app-level rules, e.g. batch_max_size <= slots, do not concern lowering)."""
+    from app.args import AppArgs
     from model.engine.paged import EngineConfig
 
-    config = EngineConfig(
-        prompt_buckets=tuple(args["prompt_buckets"]), batch_buckets=tuple(args["prefill_batch_buckets"]),
-        slots=args["slots"], max_cache_len=args["max_cache_len"], kv_cache_dtype=args["kv_cache_dtype"],
-        page_size=args["page_size"], num_pages=args["kv_pages"], hbm_utilization=args["hbm_utilization"],
-    )
+    config = EngineConfig(**AppArgs.model_construct(**args).engine_options())
     if config.num_pages is None:
         config = dataclasses.replace(config, num_pages=config.slots * config.pages_per_seq(cfg))
     return config

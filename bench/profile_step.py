@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(args.steps):
-                state, out = engine.generate(state)
+                state, out = engine.generate(state, pages)
             jax.block_until_ready(out)
         ops = op_times(trace_dir, args.steps)
     kinds: collections.Counter = collections.Counter()
