@@ -1,10 +1,15 @@
-"""Weights-only decode roofline: the device's measured read bandwidth against the matmul weight
-bytes one decode step must read, and the fraction of it an engine figure reaches.
+"""Decode roofline: the device's measured read bandwidth against the bytes one decode step must read,
+and the fraction of it an engine figure reaches.
 
     python -m bench.roofline --checkpoint gptj-6b --dtype bfloat16 [--quantize int8] [--engine-jsonl FILE]
 
-Prints {"device", "read_gb_s", "weight_bytes", "roofline_ms", "roofline_tok_s_b1"} and, for each
-engine row of FILE (bench.engine output), the row with "roofline_fraction" = roofline_ms / ms_per_step.
+Prints {"device", "read_gb_s", "weight_bytes", "roofline_ms", "roofline_tok_s_b1"} (weights only) and,
+for each engine row of FILE (bench.engine output), the row with
+  "roofline_fraction"     weights-only roofline_ms / ms_per_step;
+  "kv_bytes_per_step"     the KV cache a step over live tokens only reads: batch x the mean context
+                          of its decode steps (prompt_len + new_tokens / 2) x KV bytes per token (in
+                          the row's kv_cache_dtype), what a paged, length-aware step reads;
+  "roofline_kv_fraction"  (weights + those KV bytes) / bandwidth, over ms_per_step.
 The bandwidth is measured as JAX sees it: a reduction over a large array (8 GiB on an accelerator).
 """
 
@@ -47,6 +52,7 @@ def main(argv=None) -> int:
 
     from model import ckpt
     from model.nn.config import preset
+    from model.nn.kv_cache import KVCache
     from model.nn.transformer import Weights
 
     cfg = preset(args.checkpoint)
@@ -63,8 +69,15 @@ def main(argv=None) -> int:
         with open(args.engine_jsonl) as f:
             for line in f:
                 row = json.loads(line)
-                if row.get("system") == "engine":
-                    print(json.dumps(row | {"roofline_fraction": round(roofline_ms / row["ms_per_step"], 3)}))
+                if row.get("system") != "engine":
+                    continue
+                per_token = KVCache.bytes_per_token(cfg, jnp.dtype(row.get("dtype", args.dtype)),
+                                                    row.get("kv_cache_dtype") == "int8")
+                kv_bytes = int(row["batch"] * (row["prompt_len"] + row["new_tokens"] / 2) * per_token)
+                with_kv_ms = 1000 * (weight_bytes + kv_bytes) / bw
+                print(json.dumps(row | {"roofline_fraction": round(roofline_ms / row["ms_per_step"], 3),
+                                        "kv_bytes_per_step": kv_bytes,
+                                        "roofline_kv_fraction": round(with_kv_ms / row["ms_per_step"], 3)}))
     return 0
 
 
