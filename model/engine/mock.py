@@ -71,9 +71,9 @@ class MockEngine(api.Engine):
     def __init__(self, slots: int = 4, prompt_buckets: Sequence[int] = (16, 64), max_prefill_batch: int = 4,
                  max_total_length: int = 256, vocab_size: int = GPT2_VOCAB_SIZE, eos_token_id: int = ENDOFTEXT_ID,
                  step_delay_s: float = 0.0, page_size: int = 16, num_pages: int | None = None):
-        self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length)
         pages_per_seq = cdiv(max_total_length, page_size)
         self._layout = PageLayout(page_size, num_pages or slots * pages_per_seq, pages_per_seq)
+        self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length, self._layout.capacity_tokens)
         preemptible = self._layout.num_pages < slots * pages_per_seq  # then recomputes need the whole context
         longer = (max_total_length,) if preemptible and prompt_buckets[-1] < max_total_length else ()
         self._prefill_buckets = tuple(prompt_buckets) + longer

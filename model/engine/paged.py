@@ -250,7 +250,8 @@ class PagedEngine(api.Engine):
         self.page_buckets = config.decode_page_buckets(model_config)
         self._layout = PageLayout(config.page_size, self._pool_pages(), config.pages_per_seq(model_config))
         self._prefill_buckets = config.prefill_buckets(model_config, self._layout.num_pages)
-        self._limits = Limits(model_config.real_vocab_size, tuple(config.prompt_buckets), self.cache_len)
+        self._limits = Limits(model_config.real_vocab_size, tuple(config.prompt_buckets), self.cache_len,
+                              self._layout.capacity_tokens)
         self.attention_impl = _attention_impl(model_config, config, self.mesh)
         self._state_specs = DecodeState.param_specs(model_config, config.slots, self._layout.num_pages + 1,
                                                     config.page_size, self.dtype, config.kv_int8)

@@ -4,7 +4,7 @@ In a module of its own, importing neither JAX nor Ray, so that the serving app's
 (ingress, batcher) build, check and pass requests without loading the engine (app.protocol).
 
 Where a limit is checked. `Limits` comes from the engine (`Engine.limits`: vocabulary, prompt
-buckets, context) and checks a request against it: the ingress calls `check_prompt` before anything
+buckets, context, the KV pool's size) and checks a request against it: the ingress calls `check_prompt` before anything
 is sent (so an HTTP client gets a 400 naming its field), and the driver calls `check` on every
 submit (so the CLI, handle callers and anything that bypasses the ingress get the same answers).
 Field types and ranges of the public API are the schemas' job (app.schemas); server policy such as
@@ -55,6 +55,7 @@ class Limits:
     vocab_size: int  # valid prompt token ids are [0, vocab_size) (the real vocabulary, no padding rows)
     prompt_buckets: tuple[int, ...]  # compiled prompt lengths; the longest prompt is the last
     max_total_length: int  # prompt + max_tokens must fit in this many positions
+    kv_capacity_tokens: int | None = None  # the whole KV page pool; a longer sequence could never run
 
     @property
     def max_prompt_length(self) -> int:
@@ -84,6 +85,12 @@ class Limits:
             raise RequestRejected(
                 f"{param} ({len(prompt_ids)} tokens) + {max_tokens_param} ({max_tokens}) = {total} exceeds the "
                 f"context limit of {self.max_total_length} tokens",
+                max_tokens_param.split(".")[0],
+            )
+        if self.kv_capacity_tokens is not None and total > self.kv_capacity_tokens:
+            raise RequestRejected(
+                f"{param} ({len(prompt_ids)} tokens) + {max_tokens_param} ({max_tokens}) = {total} tokens can never "
+                f"fit the KV cache, which holds {self.kv_capacity_tokens} tokens in all",
                 max_tokens_param.split(".")[0],
             )
 

@@ -22,7 +22,8 @@ not yet applied. Each step the driver asks it for a `StepPlan`:
 Everything else in the plan is implied: every occupied slot decodes, and `decoded()` records that
 each one's sequence grew by a token. The driver runs the plan on the engine, hands tokens to output
 processing, and calls `finish` when a request has ended (stop, length, cancellation, error). A
-request whose prompt plus max_tokens could never fit the pool is refused when it is added.
+request whose prompt plus max_tokens could never fit the pool never gets here: the engine's
+`Limits` (kv_capacity_tokens) refuse it at submit.
 
 Not thread-safe: the driver serialises every call under its lock. No JAX, no engine calls.
 """
@@ -104,13 +105,6 @@ class Scheduler:
         share one)."""
         if self.max_waiting is not None and len(self._waiting) + len(requests) > self.max_waiting:
             raise OverflowError(f"{len(self._waiting)} requests already waiting (limit {self.max_waiting})")
-        capacity = self.pages.layout.capacity_tokens
-        too_big = next((r for r in requests if len(r.prompt_ids) + r.max_tokens > capacity), None)
-        if too_big is not None:
-            raise RequestRejected(
-                f"prompt ({len(too_big.prompt_ids)} tokens) + max_tokens ({too_big.max_tokens}) can never fit the KV "
-                f"cache: it holds {capacity} tokens ({self.pages.layout.num_pages} pages of "
-                f"{self.pages.layout.page_size})", "max_tokens")
         ids = [r.request_id for r in requests]
         clash = next((i for n, i in enumerate(ids) if i in self._live or i in ids[:n]), None)
         if clash is not None:

@@ -227,7 +227,7 @@ def test_config_validation_names_the_problem(loaded):
 def test_limits_pages_and_buckets(engine, loaded):
     from model.serving.request import Limits
 
-    assert engine.limits == Limits(loaded.cfg.real_vocab_size, (8, 16, 32), 64)
+    assert engine.limits == Limits(loaded.cfg.real_vocab_size, (8, 16, 32), 64, kv_capacity_tokens=32 * 8)
     assert engine.max_prefill_batch == 4 and engine.samples_per_slot == 1
     # On CPU the pool is the dense equivalent (no device memory to size it from): it never runs out,
     # so nothing is ever recomputed and prefill takes the prompt buckets only.
@@ -271,8 +271,8 @@ def test_pool_smaller_than_a_context_refuses_what_can_never_fit(loaded, tokenize
 
     engine = PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, num_pages=4))  # 32 tokens
     driver = Driver(engine, tokenizer)
-    with pytest.raises(RequestRejected, match=r"prompt \(20 tokens\) \+ max_tokens \(20\) can never fit the KV cache: "
-                                              r"it holds 32 tokens \(4 pages of 8\)"):
+    with pytest.raises(RequestRejected, match=r"prompt \(20 tokens\) \+ max_tokens \(20\) = 40 tokens can never fit "
+                                              r"the KV cache, which holds 32 tokens in all"):
         driver.submit(Request([1] * 20, 20), lambda o: None)
     assert driver.waiting == 0
     assert len(driver.generate([Request([1] * 20, 12)])[0].token_ids) == 12

@@ -1,6 +1,7 @@
 """Limits, the one validator every layer shares: messages name the field, and nothing needs JAX."""
 
 import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -20,6 +21,16 @@ def test_prompt_checks_name_the_callers_fields():
     with pytest.raises(RequestRejected, match=r"extra_inputs.per_example_max_decode_steps \(250\) = 260") as e:
         LIMITS.check_prompt([1] * 10, 250, "query", "extra_inputs.per_example_max_decode_steps")
     assert e.value.param == "extra_inputs"
+
+
+def test_a_request_the_kv_pool_could_never_hold_is_refused_naming_max_tokens():
+    small_pool = dataclasses.replace(LIMITS, kv_capacity_tokens=100)
+    small_pool.check(Request([1] * 60, 40))  # exactly the pool
+    with pytest.raises(RequestRejected, match=r"prompt \(60 tokens\) \+ max_tokens \(41\) = 101 tokens can never "
+                                              r"fit the KV cache, which holds 100 tokens in all") as e:
+        small_pool.check(Request([1] * 60, 41))
+    assert e.value.param == "max_tokens"
+    LIMITS.check(Request([1] * 60, 196))  # no pool limit: only the context's
 
 
 def test_numpy_integers_are_token_ids_and_floats_are_not():

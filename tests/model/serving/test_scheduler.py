@@ -145,14 +145,6 @@ def test_admission_waits_first_come_first_served_for_pages():
     assert s.schedule().prefill is None and s.waiting == 2
 
 
-def test_a_request_that_can_never_fit_the_pool_is_refused_when_added():
-    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=4, pages_per_seq=8), slots=2, max_prefill_batch=2)
-    with pytest.raises(RequestRejected, match=r"prompt \(20 tokens\) \+ max_tokens \(20\) can never fit the KV "
-                                              r"cache: it holds 32 tokens \(4 pages of 8\)") as e:
-        s.add([req(2, "fits"), Request([1] * 20, 20, request_id="too-big")], now=0.0)
-    assert e.value.param == "max_tokens" and s.waiting == 0  # all or none
-
-
 def test_cancelling_a_decoding_request_gives_its_pages_back():
     s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=6, pages_per_seq=8), slots=2, max_prefill_batch=2)
     (a,) = s.add([req(20, "a")], now=0.0)
