@@ -87,8 +87,9 @@ def test_engine_api_prefill_insert_generate_matches_full_forward(engine, loaded)
 
 
 def test_warmup_then_no_compilation_at_all(loaded, tokenizer):
-    """A fresh engine: after warm-up, serving compiles nothing, and the engine's own counter says so."""
-    engine = PagedEngine(loaded.weights, loaded.cfg, CONFIG)
+    """A fresh engine (one prefill shape, to keep the test short): after warm-up, serving compiles
+    nothing, and the engine's own counter says so."""
+    engine = PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, prompt_buckets=(32,), batch_buckets=(4,)))
     assert engine.compilations_since_warmup is None
     engine.warmup(progress=False)
     Driver(engine, tokenizer).generate([Request([1] * n, 5, temperature=0.5, top_p=0.8, seed=n) for n in (3, 9, 20, 31)])
@@ -241,14 +242,15 @@ def test_limits_pages_and_buckets(engine, loaded):
 @pytest.fixture(scope="module")
 def small_pool_engine(loaded):
     """Room for 12 pages (96 tokens) among 4 slots: requests of up to 64 tokens preempt each other."""
-    engine = PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, num_pages=12))
+    engine = PagedEngine(loaded.weights, loaded.cfg,
+                         dataclasses.replace(CONFIG, num_pages=12, prompt_buckets=(32,), batch_buckets=(1, 4)))
     engine.warmup(progress=False)
     return engine
 
 
 def test_preempted_requests_finish_exactly_as_unpreempted_runs(engine, small_pool_engine, loaded, tokenizer):
     # A recompute (prompt + up to 29 generated tokens) can pass the prompt buckets: one of 64 is added.
-    assert small_pool_engine.prefill_buckets == (8, 16, 32, 64)
+    assert small_pool_engine.prefill_buckets == (32, 64)
     rng = random.Random(7)
     vocab = loaded.cfg.vocab_size
     requests = [Request(random_prompt(rng, vocab, 10, 30), max_tokens=30, request_id=f"greedy-{i}") for i in range(4)]
