@@ -188,9 +188,9 @@ def forward(
 
     def dense_attend(k_cache, v_cache):
         def attend(q, k, v):
-            k_cache2 = write_kv(k_cache, k.transpose(0, 2, 1, 3), cache_index)  # [B, N, S, H]
-            v_cache2 = write_kv(v_cache, v.transpose(0, 2, 1, 3), cache_index)
-            return layers.attention(q, k_cache2, v_cache2, allowed), (k_cache2, v_cache2)
+            k_written = write_kv(k_cache, k.transpose(0, 2, 1, 3), cache_index)  # [B, N, S, H]
+            v_written = write_kv(v_cache, v.transpose(0, 2, 1, 3), cache_index)
+            return layers.attention(q, k_written, v_written, allowed), (k_written, v_written)
         return attend
 
     x, caches = _layers(weights, cfg, tokens, positions, [dense_attend(k, v) for k, v in zip(cache.k, cache.v)])
@@ -223,10 +223,10 @@ def decode_forward(
 
     def paged_attend(k_pages, v_pages):
         def attend(q, k, v):  # q, k, v [B, 1, N, H]
-            k_pages2 = write_token(k_pages, k[:, 0], page_ids, offsets)
-            v_pages2 = write_token(v_pages, v[:, 0], page_ids, offsets)
-            out = paged_attention(q[:, 0], k_pages2, v_pages2, lengths, block_tables, impl=attention_impl, mesh=mesh)
-            return out[:, None], (k_pages2, v_pages2)
+            k_written = write_token(k_pages, k[:, 0], page_ids, offsets)
+            v_written = write_token(v_pages, v[:, 0], page_ids, offsets)
+            out = paged_attention(q[:, 0], k_written, v_written, lengths, block_tables, impl=attention_impl, mesh=mesh)
+            return out[:, None], (k_written, v_written)
         return attend
 
     x, caches = _layers(weights, cfg, tokens[:, None], pos[:, None],
