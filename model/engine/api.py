@@ -34,6 +34,7 @@ on devices); a driver reads only the `tokens` and `logprobs` of a prefix and of 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from typing import Any, Protocol, Sequence
 
@@ -50,6 +51,19 @@ class Sampled(Protocol):
 
 
 Prefix = Any  # an engine's prefill result (a Sampled with the KV prefix it computed)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolPrefix:
+    """A prefix already in the KV page pool, for `prefill(existing_prefix=)`: the prompt row continues
+    slot `slot`'s sequence after its first `start` tokens (a multiple of the page size), which it
+    attends to where they lie: `state`'s pool, at the pages `pages` lists for the slot. Chunked
+    prefill continues a prompt this way, chunk by chunk."""
+
+    state: Any
+    pages: PagePool
+    slot: int
+    start: int
 DecodeState = Any  # an engine's decode slots (KV cache, last tokens, positions, sampling settings)
 
 
@@ -93,6 +107,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def page_layout(self) -> PageLayout:
         """The KV page pool: page size, pages to hand out, most pages one sequence holds."""
+
+    @property
+    def prefill_chunk_tokens(self) -> int | None:
+        """Chunked prefill: prompts longer than this are prefilled this many tokens per step, each
+        chunk continuing the last (`prefill(existing_prefix=PoolPrefix)`); None: whole prompts only."""
+        return None
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:

@@ -17,8 +17,9 @@ preemption run on it exactly as on a real engine; a small `num_pages` makes pree
 Recomputing a preempted request is exact here too: prefill of prompt + generated continues at the
 last token.
 
-A prefill that continues `existing_prefix` (a MockPrefix) generates from the continued prompt's last
-token; `free_resource` records the slots it was told to free (`freed`), so tests can check that the
+A prefill that continues `existing_prefix` (a chunk of a long prompt, `prefill_chunk_tokens`)
+generates from the chunk's last token, which is the whole prompt's when the chunk is its last;
+`free_resource` records the slots it was told to free (`freed`), so tests can check that the
 driver releases what every finished request held.
 
 Time: `step_delay_s` makes each prefill and decode step sleep that long (a stand-in for a device), so
@@ -49,7 +50,7 @@ def mock_logprob(tokens: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class MockPrefix:
-    prompts: list[list[int]]  # every row's whole prompt so far (continued prefixes included)
+    prompts: list[list[int]]  # every row's prompt (or chunk)
     tokens: np.ndarray  # [rows] first generated token
     logprobs: np.ndarray  # [rows]
 
@@ -70,13 +71,17 @@ class MockEngine(api.Engine):
 
     def __init__(self, slots: int = 4, prompt_buckets: Sequence[int] = (16, 64), max_prefill_batch: int = 4,
                  max_total_length: int = 256, vocab_size: int = GPT2_VOCAB_SIZE, eos_token_id: int = ENDOFTEXT_ID,
-                 step_delay_s: float = 0.0, page_size: int = 16, num_pages: int | None = None):
+                 step_delay_s: float = 0.0, page_size: int = 16, num_pages: int | None = None,
+                 prefill_chunk_tokens: int | None = None):
         pages_per_seq = cdiv(max_total_length, page_size)
         self._layout = PageLayout(page_size, num_pages or slots * pages_per_seq, pages_per_seq)
         self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length, self._layout.capacity_tokens)
+        self._chunk = prefill_chunk_tokens
         preemptible = self._layout.num_pages < slots * pages_per_seq  # then recomputes need the whole context
         longer = (max_total_length,) if preemptible and prompt_buckets[-1] < max_total_length else ()
-        self._prefill_buckets = tuple(prompt_buckets) + longer
+        self._prefill_buckets = tuple(prompt_buckets) + longer  # as the paged engine's
+        if prefill_chunk_tokens is not None:
+            self._prefill_buckets = tuple(b for b in prompt_buckets if b < prefill_chunk_tokens) + (prefill_chunk_tokens,)
         self._slots = slots
         self._max_prefill_batch = max_prefill_batch
         self._eos = eos_token_id
@@ -110,26 +115,30 @@ class MockEngine(api.Engine):
     def prefill_buckets(self) -> tuple[int, ...]:
         return self._prefill_buckets
 
+    @property
+    def prefill_chunk_tokens(self) -> int | None:
+        return self._chunk
+
     # -- the lifecycle --------------------------------------------------------------------------
 
     def init_decode_state(self) -> MockDecodeState:
         return MockDecodeState(np.zeros(self._slots, np.int32))
 
-    def prefill(self, prompts, params, existing_prefix: MockPrefix | None = None, steps=None) -> MockPrefix:
+    def prefill(self, prompts, params, existing_prefix: api.PoolPrefix | None = None, steps=None) -> MockPrefix:
         if not prompts or len(prompts) > self._max_prefill_batch:
             raise ValueError(f"prefill of {len(prompts)} prompts; 1 to {self._max_prefill_batch} fit")
-        if existing_prefix is not None and len(existing_prefix.prompts) != len(prompts):
-            raise ValueError("existing_prefix has a different number of rows than prompts")
-        full = [list(existing_prefix.prompts[i]) + list(p) if existing_prefix else list(p)
-                for i, p in enumerate(prompts)]
-        if smallest_fitting(max(len(p) for p in prompts), self._prefill_buckets) is None:
+        if existing_prefix is not None:
+            if self._chunk is None or len(prompts) != 1 or len(prompts[0]) > self._chunk:
+                raise ValueError(f"continuing a prefix takes one prompt of at most prefill_chunk_tokens={self._chunk}")
+        elif smallest_fitting(max(len(p) for p in prompts), self._prefill_buckets) is None:
             raise ValueError(f"a prompt exceeds the largest prefill bucket {self._prefill_buckets[-1]}")
         self._tick()
         self.prefill_batches.append(len(prompts))
-        tokens = np.array([(p[-1] + 1) % self._limits.vocab_size for p in full], np.int32)
-        return MockPrefix(full, tokens, mock_logprob(tokens))
+        tokens = np.array([(p[-1] + 1) % self._limits.vocab_size for p in prompts], np.int32)
+        return MockPrefix([list(p) for p in prompts], tokens, mock_logprob(tokens))
 
-    def insert(self, prefix: MockPrefix, state: MockDecodeState, slots: Sequence[int], pages: PagePool) -> MockDecodeState:
+    def insert(self, prefix: MockPrefix, state: MockDecodeState, slots: Sequence[int], pages: PagePool,
+               start: int = 0) -> MockDecodeState:
         tokens = state.tokens.copy()
         tokens[list(slots)] = prefix.tokens[: len(slots)]
         return MockDecodeState(tokens)

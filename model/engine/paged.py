@@ -47,15 +47,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.engine import api
+from model.engine.api import PoolPrefix
 from model.engine.buckets import smallest_fitting
 from model.engine.sampling import SamplingParams, sample
 from model.nn import paged_attention
 from model.nn import sharding as shard_lib
 from model.nn.config import GPTJConfig
 from model.nn.kv_cache import KVCache
-from model.nn.paged_cache import PagedKV, write_prompt
+from model.nn.paged_cache import PagedKV, gather_pages, write_prompt
 from model.nn.sharding import BATCH, PAGES, SEQ, ParamSpec, is_spec
-from model.nn.transformer import Weights, activation_dtype, decode_forward, forward, logits
+from model.nn.transformer import Context, Weights, activation_dtype, decode_forward, forward, logits
 from model.serving.pages import PageLayout, PagePool, cdiv
 from model.serving.request import Limits
 
@@ -78,6 +79,7 @@ class EngineConfig:
     page_buckets: tuple[int, ...] | None = None  # decode page-count buckets; None: powers of two
     attention: str = "auto"  # decode attention: "auto" (by platform) or one of paged_attention.IMPLS
     hbm_utilization: float = 0.9  # fraction of device memory weights + pool may take, when sizing the pool
+    prefill_chunk_tokens: int | None = None  # tokens of one prefill that continues a prefix in the pool (None: off)
 
     def cache_len(self, cfg: GPTJConfig) -> int:
         return self.max_cache_len or cfg.n_positions
@@ -93,9 +95,14 @@ class EngineConfig:
         return powers + (pps,)
 
     def prefill_buckets(self, cfg: GPTJConfig, num_pages: int) -> tuple[int, ...]:
-        """Prompt buckets, plus max_cache_len when they stop short of it and a pool of `num_pages` can
-        run out (fewer than every slot's longest sequence): a preempted request is recomputed from
-        its prompt and what it generated, up to the whole context."""
+        """What whole-prompt prefill takes. With chunked prefill: the prompt buckets below the chunk,
+        and the chunk (a longer prompt is prefilled chunk by chunk). Without: the prompt buckets,
+        plus max_cache_len when they stop short of it and a pool of `num_pages` can run out (fewer
+        than every slot's longest sequence): a preempted request is recomputed from its prompt and
+        what it generated, up to the whole context."""
+        chunk = self.prefill_chunk_tokens
+        if chunk is not None:
+            return tuple(b for b in self.prompt_buckets if b < chunk) + (chunk,)
         cache_len = self.cache_len(cfg)
         preemptible = num_pages < self.slots * self.pages_per_seq(cfg)
         extra = (cache_len,) if preemptible and self.prompt_buckets[-1] < cache_len else ()
@@ -128,6 +135,13 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if not 0 < self.hbm_utilization <= 1:
             raise ValueError(f"hbm_utilization must be in (0, 1], got {self.hbm_utilization}")
+        chunk = self.prefill_chunk_tokens
+        if chunk is not None and (chunk < 1 or chunk % self.page_size or chunk > cache_len):
+            raise ValueError(f"prefill_chunk_tokens={chunk} must be a positive multiple of page_size="
+                             f"{self.page_size} and at most max_cache_len={cache_len}")
+        if chunk is not None and self.batch_buckets[0] != 1:
+            raise ValueError(f"chunked prefill runs one prompt at a time: batch_buckets={self.batch_buckets} "
+                             "must start at 1")
 
     @property
     def kv_int8(self) -> bool:
@@ -209,6 +223,25 @@ def _prefill_impl(weights: Weights, tokens, lengths, steps, params: SamplingPara
     return Prefix(cache=cache, tokens=first, logprobs=logprob, steps=steps, params=params)
 
 
+def _prefill_context_impl(weights: Weights, pool: PagedKV, tables, starts, tokens, lengths, steps,
+                          params: SamplingParams, *, cfg: GPTJConfig, mesh, kv_int8: bool) -> Prefix:
+    """Prefill that continues prefixes in the pool: row r's tokens are positions starts[r].. of the
+    sequence whose pages are tables[r] [n], and attend to its first starts[r] positions there."""
+    b, t = tokens.shape
+    specs = KVCache.param_specs(cfg, b, t, activation_dtype(weights), kv_int8)
+    cache = _constrain(shard_lib.zeros(specs), specs, mesh)
+    span = tables.shape[1] * (pool.k[0].values if kv_int8 else pool.k[0]).shape[2]
+    context = Context(k=tuple(gather_pages(leaf, tables) for leaf in pool.k),
+                      v=tuple(gather_pages(leaf, tables) for leaf in pool.v),
+                      valid=jnp.arange(span)[None, :] < starts[:, None])
+    token_valid = jnp.arange(t)[None, :] < lengths[:, None]
+    positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    hidden, cache = forward(weights, cfg, tokens, positions, token_valid, cache, jnp.zeros((b,), jnp.int32), context)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    first, logprob = sample(logits(weights, last), params, steps, cfg.real_vocab_size)
+    return Prefix(cache=cache, tokens=first, logprobs=logprob, steps=steps, params=params)
+
+
 def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, page_ids, *, mesh, specs) -> DecodeState:
     """Write prefix rows into pages page_ids [b, cdiv(T, page)] and their settings into slots
     slot_ids [b]; slot id == slots (out of range) marks a padding row (its pages are the trash page)."""
@@ -257,6 +290,8 @@ class PagedEngine(api.Engine):
                                                     config.page_size, self.dtype, config.kv_int8)
         self._prefill, self._insert, self._generate = _jitted(model_config, config, self.mesh, self._state_specs,
                                                               self.attention_impl)
+        self._prefill_context = jax.jit(functools.partial(_prefill_context_impl, cfg=model_config, mesh=self.mesh,
+                                                          kv_int8=config.kv_int8))
         self.decode_steps_by_bucket: collections.Counter[int] = collections.Counter()  # after warm-up
 
     def _pool_pages(self) -> int:
@@ -306,40 +341,63 @@ class PagedEngine(api.Engine):
     def page_layout(self) -> PageLayout:
         return self._layout
 
+    @property
+    def prefill_chunk_tokens(self) -> int | None:
+        return self.config.prefill_chunk_tokens
+
     # -- the API --------------------------------------------------------------------------------
 
     def init_decode_state(self) -> DecodeState:
         return jax.device_put(shard_lib.zeros(self._state_specs), shard_lib.shardings(self.mesh, self._state_specs))
 
-    def prefill(self, prompts: Sequence[Sequence[int]], params: SamplingParams, existing_prefix=None,
+    def prefill(self, prompts: Sequence[Sequence[int]], params: SamplingParams, existing_prefix: PoolPrefix | None = None,
                 steps: Sequence[int] | None = None) -> Prefix:
         """Prefill a batch of token-id prompts (padded here to buckets). `params` has one row per
         prompt (host arrays); padding rows get greedy settings. `steps`: each prompt's first sampling
-        step (default 0; a recomputed request continues its own)."""
-        if existing_prefix is not None:
-            raise NotImplementedError("this engine prefills whole prompts; continuing a prefix is chunked prefill")
+        step (default 0; a recomputed request continues its own). With `existing_prefix`, one prompt of
+        at most `prefill_chunk_tokens` continues a sequence already in the pool (chunked prefill, a
+        cached prefix); `insert` it with the same start."""
         n = len(prompts)
         if n == 0:
             raise ValueError("prefill needs at least one prompt")
+        first_steps = np.zeros((n,), np.int32)
+        first_steps[:] = steps if steps is not None else 0
+        if existing_prefix is not None:
+            return self._prefill_continuing(prompts, params, existing_prefix, first_steps)
         t = self._bucket(max(len(p) for p in prompts), self._prefill_buckets, "prompt")
         b = self._bucket(n, self.config.batch_buckets, "prefill batch")
-        tokens = np.zeros((b, t), np.int32)
-        lengths = np.zeros((b,), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = prompt
-            lengths[row] = len(prompt)
-        first_steps = np.zeros((b,), np.int32)
-        first_steps[:n] = steps if steps is not None else 0
-        return self._prefill(self.weights, tokens, lengths, first_steps, _pad_rows(params, b))
+        tokens, lengths = _padded(prompts, b, t)
+        return self._prefill(self.weights, tokens, lengths, np.pad(first_steps, (0, b - n)), _pad_rows(params, b))
 
-    def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int], pages: PagePool) -> DecodeState:
-        """Write prefix rows 0..len(slots)-1 into those slots' pages (taken in `pages` already);
-        the rest of the padded batch goes to the trash page."""
+    def _prefill_continuing(self, prompts, params, prefix: PoolPrefix, steps) -> Prefix:
+        chunk, page = self.config.prefill_chunk_tokens, self.config.page_size
+        if chunk is None:
+            raise NotImplementedError("continuing a prefix needs prefill_chunk_tokens (chunked prefill) set")
+        if len(prompts) != 1 or len(prompts[0]) > chunk:
+            raise ValueError(f"continuing a prefix takes one prompt of at most {chunk} tokens (prefill_chunk_tokens), "
+                             f"got {len(prompts)} of up to {max(len(p) for p in prompts)}")
+        if prefix.start < 1 or prefix.start % page or prefix.start + len(prompts[0]) > self.cache_len:
+            raise ValueError(f"a prefix of {prefix.start} tokens must be a positive multiple of page_size={page}, "
+                             f"and with {len(prompts[0])} more tokens fit max_cache_len={self.cache_len}")
+        n = self._bucket(prefix.start // page, self.page_buckets, "prefix page count")
+        tokens, lengths = _padded(prompts, 1, chunk)
+        tables = prefix.pages.table[[prefix.slot], :n].copy()
+        return self._prefill_context(self.weights, prefix.state.pages, tables, np.array([prefix.start], np.int32),
+                                     tokens, lengths, steps, params)
+
+    def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int], pages: PagePool,
+               start: int = 0) -> DecodeState:
+        """Write prefix rows 0..len(slots)-1 into those slots' pages (taken in `pages` already), from
+        position `start` of their sequences on (a prefix continued by `prefill(existing_prefix=)`);
+        the rest of the padded batch, and pages past a sequence's end, go to the trash page."""
         b, t = prefix.cache.batch, prefix.cache.length
+        page = self.config.page_size
         slot_ids = np.full((b,), self.config.slots, np.int32)
         slot_ids[: len(slots)] = slots
-        page_ids = np.zeros((b, cdiv(t, self.config.page_size)), np.int32)
-        page_ids[: len(slots)] = pages.table[list(slots), : page_ids.shape[1]]
+        first = start // page
+        padded = np.pad(pages.table, ((0, 0), (0, cdiv(t, page))))  # pages past the table: the trash page
+        page_ids = np.zeros((b, cdiv(t, page)), np.int32)
+        page_ids[: len(slots)] = padded[list(slots), first : first + page_ids.shape[1]]
         return self._insert(prefix, state, slot_ids, page_ids)
 
     def generate(self, state: DecodeState, pages: PagePool) -> tuple[DecodeState, StepOutput]:
@@ -374,6 +432,15 @@ class PagedEngine(api.Engine):
             params = SamplingParams.host([0.0] * b, [0] * b, [1.0] * b, [0] * b)
             prefix = self.prefill([[0] * t] * b, params)  # length t selects bucket t
             state = self.insert(prefix, state, list(range(b)), scratch)
+        page = self.config.page_size
+        reachable = sorted({smallest_fitting(pages, self.page_buckets): pages  # prefix pages selecting each bucket
+                            for pages in range(1, (self.cache_len - 1) // page + 1)}.items())
+        for i, (n, prefix_pages) in enumerate(reachable if self.config.prefill_chunk_tokens else ()):
+            if progress:
+                _progress(f"continuing prefill {i + 1}/{len(reachable)} (a prefix of up to {n} pages)", start)
+            params = SamplingParams.host([0.0], [0], [1.0], [0])
+            prefix = self.prefill([[0]], params, PoolPrefix(state, scratch, 0, prefix_pages * page))
+            state = self.insert(prefix, state, [0], scratch, start=prefix_pages * page)
         for i, n in enumerate(self.page_buckets):
             if progress:
                 _progress(f"decode step {i + 1}/{len(self.page_buckets)} ({n} pages per sequence)", start)
@@ -442,6 +509,16 @@ def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dt
         block_tables = int32((config.slots, n), (BATCH, PAGES))
         targets.append((f"decode_p{n}", generate, (weights, state, block_tables, int32((config.slots,), (BATCH,)))))
     return targets
+
+
+def _padded(prompts: Sequence[Sequence[int]], rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts right-padded into tokens [rows, length] with their true lengths [rows]."""
+    tokens = np.zeros((rows, length), np.int32)
+    lengths = np.zeros((rows,), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+        lengths[row] = len(prompt)
+    return tokens, lengths
 
 
 def _pad_rows(params: SamplingParams, rows: int) -> SamplingParams:

@@ -13,8 +13,9 @@ pool is created with zeros and every write stores finite values, because the ker
 masked positions of a page they read by probability 0, and a NaN there would still poison the sum.
 
 Two writes, both scatters over whole pages or single positions, donated so XLA updates in place:
-`write_prompt` (after prefill: a prompt's dense keys and values, page by page) and `write_token`
-(each decode step: one position per row).
+`write_prompt` (after prefill: a prompt's dense keys and values, page by page, from any page of its
+sequence on) and `write_token` (each decode step: one position per row). `gather_pages` reads
+sequences back densely, for a prefill that continues a prefix already in the pool.
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ def write_prompt(leaf: jax.Array | QuantArray, new: jax.Array | QuantArray, page
     if isinstance(leaf, QuantArray):
         return QuantArray(values=scatter(leaf.values, new.values), scale=scatter(leaf.scale, new.scale))
     return scatter(leaf, new)
+
+
+def gather_pages(leaf: jax.Array | QuantArray, tables: jax.Array) -> jax.Array | QuantArray:
+    """The sequences whose pages are tables [B, n], densely: [B, N, n*page, (H)] from the pool
+    leaf [N, P, page, (H)] (arrays, or int8 values and scales): a prefix to continue from."""
+    def gather(x):
+        g = x[:, tables]  # [N, B, n, page, (H)]
+        g = g.reshape(x.shape[0], tables.shape[0], tables.shape[1] * x.shape[2], *x.shape[3:])
+        return jnp.moveaxis(g, 0, 1)
+
+    if isinstance(leaf, QuantArray):
+        return QuantArray(values=gather(leaf.values), scale=gather(leaf.scale))
+    return gather(leaf)
 
 
 def write_token(leaf: jax.Array | QuantArray, new: jax.Array, page_ids: jax.Array, offsets: jax.Array) -> jax.Array | QuantArray:

@@ -165,6 +165,16 @@ def _layers(weights: Weights, cfg: GPTJConfig, tokens: jax.Array, positions: jax
     return layers.layer_norm(x, weights.ln_f_scale, weights.ln_f_bias, cfg.layer_norm_eps), caches
 
 
+@flax.struct.dataclass
+class Context:
+    """Keys and values computed before a `forward` call's tokens (a prefix already in the paged pool,
+    gathered: model.nn.paged_cache.gather_pages): every new token attends to its valid positions."""
+
+    k: tuple[jax.Array | QuantArray, ...]  # per layer [B, N, S_ctx, H]
+    v: tuple[jax.Array | QuantArray, ...]
+    valid: jax.Array  # [B, S_ctx] bool
+
+
 def forward(
     weights: Weights,
     cfg: GPTJConfig,
@@ -173,8 +183,10 @@ def forward(
     token_valid: jax.Array,
     cache: KVCache,
     cache_index: jax.Array,
+    context: Context | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Run T new tokens per row through the model, reading and extending `cache`.
+    """Run T new tokens per row through the model, reading and extending `cache` (and reading
+    `context`, when given: a prefix of every row that precedes the cache).
 
     tokens, positions, token_valid: [B, T]  (token_valid False marks padding)
     cache_index: [B]  where each row's T new entries are written in the cache
@@ -185,16 +197,31 @@ def forward(
     query_index = cache_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
     key_index = jnp.arange(cache.length)  # [S]
     allowed = valid[:, None, :] & (key_index[None, None, :] <= query_index[:, :, None])  # [B, T, S]
+    if context is not None:  # the context precedes every new token: all its valid positions are allowed
+        allowed = jnp.concatenate([jnp.broadcast_to(context.valid[:, None, :], (*allowed.shape[:2],
+                                                                                 context.valid.shape[1])), allowed], -1)
 
-    def dense_attend(k_cache, v_cache):
+    def dense_attend(k_cache, v_cache, k_context, v_context):
         def attend(q, k, v):
             k_written = write_kv(k_cache, k.transpose(0, 2, 1, 3), cache_index)  # [B, N, S, H]
             v_written = write_kv(v_cache, v.transpose(0, 2, 1, 3), cache_index)
-            return layers.attention(q, k_written, v_written, allowed), (k_written, v_written)
+            keys, values = k_written, v_written
+            if k_context is not None:
+                keys, values = concat_seq(k_context, k_written), concat_seq(v_context, v_written)
+            return layers.attention(q, keys, values, allowed), (k_written, v_written)
         return attend
 
-    x, caches = _layers(weights, cfg, tokens, positions, [dense_attend(k, v) for k, v in zip(cache.k, cache.v)])
+    contexts = zip(context.k, context.v) if context is not None else [(None, None)] * len(cache.k)
+    attends = [dense_attend(k, v, kc, vc) for (k, v), (kc, vc) in zip(zip(cache.k, cache.v), contexts)]
+    x, caches = _layers(weights, cfg, tokens, positions, attends)
     return x, KVCache(k=tuple(k for k, _ in caches), v=tuple(v for _, v in caches), valid=valid)
+
+
+def concat_seq(a: jax.Array | QuantArray, b: jax.Array | QuantArray) -> jax.Array | QuantArray:
+    """Keys or values [B, N, S, (H)] joined along the sequence: arrays, or int8 values and scales."""
+    if isinstance(a, QuantArray):
+        return QuantArray(values=jnp.concatenate([a.values, b.values], 2), scale=jnp.concatenate([a.scale, b.scale], 2))
+    return jnp.concatenate([a, b.astype(a.dtype)], 2)
 
 
 def decode_forward(

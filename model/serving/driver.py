@@ -33,11 +33,11 @@ from typing import Callable, Sequence
 
 import jax
 
-from model.engine.api import Engine, Sampled
+from model.engine.api import Engine, PoolPrefix, Sampled
 from model.engine.sampling import SamplingParams
 from model.serving.output import Output, OutputStream, Result
 from model.serving.request import Request
-from model.serving.scheduler import PrefillBatch, Scheduled, Scheduler
+from model.serving.scheduler import PrefillBatch, PrefillChunk, Scheduled, Scheduler
 from model.text.tokenizer import Tokenizer
 
 OnOutput = Callable[[Output], None]
@@ -58,7 +58,8 @@ class Driver:
         self.tokenizer = tokenizer
         self.on_prefill = on_prefill
         self._scheduler = Scheduler(engine.limits, engine.page_layout, engine.max_concurrent_decodes,
-                                    engine.max_prefill_batch, engine.prefill_buckets, max_waiting)
+                                    engine.max_prefill_batch, engine.prefill_buckets, max_waiting,
+                                    engine.prefill_chunk_tokens)
         self._lock = threading.Condition()  # guards the scheduler; wakes the stepping thread
         self._streams: dict[str, tuple[OutputStream, OnOutput]] = {}  # by request id
         self._state = engine.init_decode_state()
@@ -67,7 +68,8 @@ class Driver:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_at = time.monotonic()  # heartbeat for health checks
-        self.stats = collections.Counter()  # prefill_batches, prefill_rows, decode_steps, tokens_out, preemptions
+        self.stats = collections.Counter()  # prefill_batches, prefill_rows, prefill_chunks, decode_steps,
+        #                                     tokens_out, preemptions
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -138,8 +140,10 @@ class Driver:
         self.stats["preemptions"] += len(plan.preempted)
         if plan.prefill is not None:
             self._prefill(plan.prefill)
+        if plan.chunk is not None:
+            self._prefill_chunk(plan.chunk)
         previous, self._in_flight = self._in_flight, None
-        if self._scheduler.active_slots:
+        if self._scheduler.decoding_slots:
             self._state, out = self.engine.generate(self._state, self._scheduler.pages)
             self._scheduler.decoded()
             owners = [None if s is None else (s, s.admission) for s in self._scheduler.slot_owners()]
@@ -169,6 +173,22 @@ class Driver:
         tokens, logprobs = jax.device_get((prefix.tokens, prefix.logprobs))
         for row, s in enumerate(batch.requests):
             self._accept(s, int(tokens[row]), float(logprobs[row]))
+
+    def _prefill_chunk(self, chunk: PrefillChunk) -> None:
+        """One chunk of a long prompt into its slot's pages; the last one samples its first token."""
+        s = chunk.request
+        r = s.request
+        params = SamplingParams.host([r.temperature], [r.top_k], [r.top_p], [s.seed])
+        pages = self._scheduler.pages
+        existing = PoolPrefix(self._state, pages, s.slot, chunk.start) if chunk.start else None
+        prefix = self.engine.prefill([chunk.tokens], params, existing, steps=[len(s.generated)])
+        self._state = self.engine.insert(prefix, self._state, [s.slot], pages, start=chunk.start)
+        self.stats["prefill_chunks"] += 1
+        if chunk.final:
+            if self.on_prefill is not None:
+                self.on_prefill(0, [time.monotonic() - s.submitted_at])
+            tokens, logprobs = jax.device_get((prefix.tokens, prefix.logprobs))  # whole: indexing a device array compiles
+            self._accept(s, int(tokens[0]), float(logprobs[0]))
 
     def _accept(self, s: Scheduled, token: int, logprob: float) -> None:
         s.generated.append(token)

@@ -10,7 +10,8 @@ not yet applied. Each step the driver asks it for a `StepPlan`:
      page every page_size tokens). When none is free, the youngest decoding request is preempted
      (vLLM's recompute preemption): its pages are freed, and it goes back to the front of the queue
      with everything it has generated, to be prefilled again from its prompt plus those tokens and
-     continue where it was, its output identical to a run that was never preempted;
+     continue where it was, its output identical to a run that was never preempted. A step that
+     preempts admits nothing new (the pool is full);
   3. admission: the oldest waiting request picks the prefill bucket, and up to (free slots, the
      engine's largest prefill batch) waiting requests of that bucket, oldest first, are taken for one
      prefill and given free slots, lowest first, as long as their pages fit (prompt plus the first
@@ -18,6 +19,12 @@ not yet applied. Each step the driver asks it for a `StepPlan`:
      Requests of other buckets wait for a later step, so one prefill never mixes buckets and a long
      prompt never waits behind a stream of short ones for more than the steps it takes their bucket
      to drain.
+  4. chunked prefill (when the engine has `prefill_chunk_tokens` C): C is the step's prefill token
+     budget (vLLM's max_num_batched_tokens, less the decode tokens). A prompt longer than C is
+     admitted alone, takes its slot and all its pages, and is prefilled C tokens per step, each chunk
+     continuing the last in the pool, while the decoding requests keep stepping; it decodes from the
+     step of its last chunk. One long prompt is chunked at a time, and whole-prompt batches wait
+     while it is (first come, first served); a whole-prompt batch has at most C // bucket rows.
 
 Everything else in the plan is implied: every occupied slot decodes, and `decoded()` records that
 each one's sequence grew by a token. The driver runs the plan on the engine, hands tokens to output
@@ -49,11 +56,12 @@ class Scheduled:
     request: Request
     seed: int  # the request's seed, or a fresh random one (the request itself is never written)
     submitted_at: float
-    bucket: int  # the prefill bucket of `tokens`
+    bucket: int  # the prefill bucket of `tokens` (0: it is prefilled in chunks)
     slot: int | None = None  # its decode slot once admitted
     admission: int | None = None  # when it was last admitted (an increasing count): youngest = largest
     generated: list[int] = dataclasses.field(default_factory=list)  # tokens delivered so far
     preemptions: int = 0
+    prefilled: int = 0  # tokens of `tokens` in its pages so far, while its prompt is chunked
 
     @property
     def request_id(self) -> str:
@@ -73,18 +81,29 @@ class PrefillBatch:
 
 
 @dataclasses.dataclass
+class PrefillChunk:
+    request: Scheduled  # holds its slot and every page its prompt needs
+    start: int  # tokens of `request.tokens` already in its pages (a multiple of the page size)
+    tokens: list[int]  # the next chunk: request.tokens[start:start + prefill_chunk_tokens]
+    final: bool  # the prompt's last chunk: the request decodes from this step on
+
+
+@dataclasses.dataclass
 class StepPlan:
     cancelled: list[Scheduled]  # ended by cancellation; none holds a slot any more
     preempted: list[Scheduled]  # back in the queue, to be recomputed; none holds a slot any more
     freed_slots: list[int]  # the slots both held, for the engine to release before the prefill
     prefill: PrefillBatch | None  # prompts to prefill and insert this step (free slots included)
+    chunk: PrefillChunk | None = None  # or the next chunk of a long prompt (never both)
 
 
 class Scheduler:
     def __init__(self, limits: Limits, layout: PageLayout, slots: int, max_prefill_batch: int,
-                 prefill_buckets: Sequence[int] | None = None, max_waiting: int | None = None):
-        """`prefill_buckets`: what the engine prefills (default: the prompt buckets); a preempted
-        request is recomputed in the one that holds its prompt and generated tokens."""
+                 prefill_buckets: Sequence[int] | None = None, max_waiting: int | None = None,
+                 prefill_chunk_tokens: int | None = None):
+        """`prefill_buckets`: what the engine prefills whole (default: the prompt buckets); a preempted
+        request is recomputed in the one that holds its prompt and generated tokens, or in chunks.
+        `prefill_chunk_tokens`: the engine's chunk (None: no chunked prefill)."""
         self.limits = limits
         self.max_prefill_batch = max_prefill_batch
         self.prefill_buckets = tuple(prefill_buckets or limits.prompt_buckets)
@@ -96,6 +115,8 @@ class Scheduler:
         self._live: dict[str, Scheduled] = {}  # waiting or decoding, by request id
         self._admissions = 0
         self.preemptions = 0
+        self.chunk = prefill_chunk_tokens
+        self._chunking: Scheduled | None = None  # the long prompt being prefilled chunk by chunk
 
     # -- requests in ----------------------------------------------------------------------------
 
@@ -111,7 +132,7 @@ class Scheduler:
             raise RequestRejected(f"request_id {clash!r} is already in flight", "request_id")
         added = [
             Scheduled(r, _seed_source.randrange(2**31) if r.seed is None else r.seed, now,
-                      self.limits.prompt_bucket(len(r.prompt_ids)))
+                      self._bucket(len(r.prompt_ids)))
             for r in requests
         ]
         self._waiting.extend(added)
@@ -133,8 +154,44 @@ class Scheduler:
             self.finish(s)
         preempted = self._grow()
         freed += [slot for _, slot in preempted]
-        return StepPlan(cancelled=ended, preempted=[s for s, _ in preempted], freed_slots=freed,
-                        prefill=self._admit())
+        if preempted:  # the pool is full: nothing new starts this step (a chunk in progress goes on)
+            chunk = self._next_chunk() if self._chunking is not None else None
+            return StepPlan(cancelled=ended, preempted=[s for s, _ in preempted], freed_slots=freed, prefill=None,
+                            chunk=chunk)
+        chunk = self._next_chunk()
+        return StepPlan(cancelled=ended, preempted=[], freed_slots=freed, prefill=None if chunk else self._admit(),
+                        chunk=chunk)
+
+    def _bucket(self, length: int) -> int:
+        """The prefill bucket of a prompt (or a recompute) of `length` tokens; 0: it is chunked."""
+        if self.chunk is not None and length > self.chunk:
+            return 0
+        return smallest_fitting(length, self.prefill_buckets)
+
+    def _next_chunk(self) -> PrefillChunk | None:
+        """The chunk of this step: the next one of the prompt being chunked, or the first of the
+        oldest waiting request if it needs chunking and its pages fit."""
+        s = self._chunking
+        if s is None:
+            if not self._waiting or self._waiting[0].bucket != 0:
+                return None
+            s = self._waiting[0]
+            free = [i for i, owner in enumerate(self._slots) if owner is None]
+            if not free or not self.pages.allocate(free[0], len(s.tokens) + 1):
+                return None
+            self._waiting.popleft()
+            s.slot, s.admission, s.prefilled = free[0], self._admissions, 0
+            self._admissions += 1
+            self._slots[s.slot] = s
+            self._chunking = s
+        start = s.prefilled
+        tokens = s.tokens[start : start + self.chunk]
+        s.prefilled += len(tokens)
+        final = s.prefilled == len(s.tokens)
+        if final:  # it decodes from this step on
+            self.pages.lengths[s.slot] = len(s.tokens)
+            self._chunking = None
+        return PrefillChunk(s, start, tokens, final)
 
     def _grow(self) -> list[tuple[Scheduled, int]]:
         """Pages for every decoding request's next token, oldest first, preempting the youngest when
@@ -152,7 +209,7 @@ class Scheduler:
         self._slots[s.slot] = None
         s.slot = None
         s.preemptions += 1
-        s.bucket = smallest_fitting(len(s.tokens), self.prefill_buckets)
+        s.bucket = self._bucket(len(s.tokens))
         self._waiting.appendleft(s)
         self.preemptions += 1
 
@@ -161,7 +218,9 @@ class Scheduler:
         if not free or not self._waiting:
             return None
         bucket = self._waiting[0].bucket
-        limit = min(len(free), self.max_prefill_batch)
+        if bucket == 0:  # the oldest needs chunking: it starts when the chunk in flight is done
+            return None
+        limit = min(len(free), self.max_prefill_batch, max(self.chunk // bucket, 1) if self.chunk else len(free))
         batch = []
         for s in [s for s in self._waiting if s.bucket == bucket][:limit]:
             slot = free[len(batch)]
@@ -184,12 +243,14 @@ class Scheduler:
             self.pages.lengths[s.slot] += 1
 
     def _decoding(self) -> list[Scheduled]:
-        return [s for s in self._slots if s is not None]
+        return [s for s in self._slots if s is not None and s is not self._chunking]
 
     # -- requests out ---------------------------------------------------------------------------
 
     def finish(self, s: Scheduled) -> None:
         """`s` has ended: it leaves the queue or frees its slot. Idempotent."""
+        if s is self._chunking:
+            self._chunking = None
         if s.slot is not None:
             self.pages.free(s.slot)
             self._slots[s.slot] = None
@@ -208,8 +269,13 @@ class Scheduler:
     # -- state ----------------------------------------------------------------------------------
 
     def slot_owners(self) -> list[Scheduled | None]:
-        """Who holds each slot now (a decode step's tokens belong to these)."""
-        return list(self._slots)
+        """Who decodes in each slot now (a decode step's tokens belong to these; a slot whose prompt
+        is still being chunked is not one of them)."""
+        return [s if s is not self._chunking else None for s in self._slots]
+
+    @property
+    def decoding_slots(self) -> int:
+        return len(self._decoding())
 
     @property
     def active_slots(self) -> int:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from model.engine.api import PoolPrefix
 from model.engine.mock import MockEngine, mock_logprob
 from model.engine.sampling import SamplingParams
 from model.serving.pages import PagePool
@@ -28,11 +29,16 @@ def test_logprobs_are_exact_quarters():
     assert mock_logprob(np.arange(6)).tolist() == [0.0, -0.25, -0.5, -0.75, 0.0, -0.25]
 
 
-def test_existing_prefix_continues_the_prompt():
-    engine = MockEngine()
-    first = engine.prefill([[1, 2]], PARAMS)
-    continued = engine.prefill([[7, 8]], PARAMS, existing_prefix=first)
-    assert continued.prompts == [[1, 2, 7, 8]] and continued.tokens.tolist() == [9]
+def test_a_chunk_continuing_a_prefix_generates_from_its_last_token():
+    engine = MockEngine(prompt_buckets=(16, 64), prefill_chunk_tokens=32)
+    pages = PagePool(engine.page_layout, 4)
+    state = engine.init_decode_state()
+    first = engine.prefill([list(range(32))], PARAMS)
+    state = engine.insert(first, state, [0], pages)
+    last = engine.prefill([[7, 8]], PARAMS, existing_prefix=PoolPrefix(state, pages, 0, 32))
+    assert last.tokens.tolist() == [9] and engine.prefill_buckets == (16, 32)
+    with pytest.raises(ValueError, match="one prompt of at most prefill_chunk_tokens=32"):
+        engine.prefill([[1] * 33], PARAMS, existing_prefix=PoolPrefix(state, pages, 0, 32))
 
 
 def test_limits_warmup_and_free_resource():

@@ -14,6 +14,7 @@ import pytest
 
 from model import ckpt
 from model.engine.compilations import compilation_count
+from model.engine.api import PoolPrefix
 from model.engine.paged import EngineConfig, PagedEngine
 from model.engine.sampling import SamplingParams
 from model.nn import sharding, transformer
@@ -235,8 +236,9 @@ def test_limits_pages_and_buckets(engine, loaded):
     assert (engine.page_layout.page_size, engine.page_layout.num_pages, engine.page_layout.pages_per_seq) == (8, 32, 8)
     assert engine.prefill_buckets == (8, 16, 32) and engine.page_buckets == (1, 2, 4, 8)
     assert engine.attention_impl == "reference"
-    with pytest.raises(NotImplementedError, match="continuing a prefix is chunked prefill"):
-        engine.prefill([[1, 2]], SamplingParams.host([0], [0], [1], [0]), existing_prefix=object())
+    with pytest.raises(NotImplementedError, match=r"continuing a prefix needs prefill_chunk_tokens \(chunked prefill\)"):
+        engine.prefill([[1, 2]], SamplingParams.host([0], [0], [1], [0]),
+                       existing_prefix=PoolPrefix(engine.init_decode_state(), PagePool(engine.page_layout, 4), 0, 8))
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +291,40 @@ def test_four_device_mesh_equals_one_device(loaded, hf_checkpoint, tokenizer):
     for a, b in zip(one, four):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def chunking_engine(loaded):
+    """Prompts over 16 tokens are prefilled 16 at a time (prefill buckets 8 and 16)."""
+    engine = PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(CONFIG, prefill_chunk_tokens=16))
+    engine.warmup(progress=False)
+    return engine
+
+
+def test_chunked_prefill_changes_no_output_and_compiles_nothing_after_warmup(engine, chunking_engine, loaded,
+                                                                            tokenizer):
+    assert chunking_engine.prefill_buckets == (8, 16)
+    rng = random.Random(11)
+    vocab = loaded.cfg.vocab_size
+    requests = [Request(random_prompt(rng, vocab, 17, 32), 20, request_id=f"long-{i}") for i in range(3)]
+    requests += [Request(random_prompt(rng, vocab, 1, 16), 20, temperature=1.0, seed=i, request_id=f"short-{i}")
+                 for i in range(3)]
+    driver = Driver(chunking_engine, tokenizer)
+    results = driver.generate(requests)
+    assert driver.stats["prefill_chunks"] >= 6 and chunking_engine.compilations_since_warmup == 0
+    for request, result in zip(requests, results):
+        whole = run_alone(engine, tokenizer, request)
+        assert result.token_ids == whole.token_ids, request.request_id
+        np.testing.assert_allclose(result.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_cancelling_mid_prefill_frees_the_slot_and_its_pages(chunking_engine, tokenizer):
+    driver = Driver(chunking_engine, tokenizer)
+    outputs = []
+    driver.submit(Request(list(range(1, 33)), 10, request_id="long"), outputs.append)
+    driver.step()  # its first chunk
+    assert driver.kv_usage()["kv_pages_used"] == 5 and driver.stats["prefill_chunks"] == 1  # 32 + 1 tokens
+    driver.cancel("long")
+    driver.step()
+    assert outputs[-1].finish_reason == "cancelled" and outputs[-1].token_ids == []
+    assert driver.kv_usage()["kv_pages_used"] == 0 and driver.active_slots == 0 and not driver.has_work()

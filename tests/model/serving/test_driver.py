@@ -114,6 +114,28 @@ def test_preempted_requests_stream_every_token_once_and_in_order(tokenizer):
     assert max(usage) == 1.0 and usage[-1] == 0.0
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tokenizer):
+    """A 150-token prompt arrives while 3 requests decode: it is prefilled 32 tokens per step (5 chunks),
+    every decoding request gets a token on every one of those steps, and all outputs are exact."""
+    driver = new_driver(tokenizer, slots=4, prompt_buckets=(16, 256), prefill_chunk_tokens=32)
+    outputs = {i: [] for i in range(4)}
+    for i in range(3):
+        driver.submit(Request([10 * (i + 1)], 40, request_id=str(i)), outputs[i].append)
+    driver.step()
+    driver.step()
+    driver.submit(Request([7] * 149 + [500], 5, request_id="long"), outputs[3].append)
+    before = [sum(len(o.token_ids) for o in outputs[i]) for i in range(3)]
+    for _ in range(5):
+        driver.step()
+    assert [sum(len(o.token_ids) for o in outputs[i]) for i in range(3)] == [n + 5 for n in before]
+    assert driver.stats["prefill_chunks"] == 5
+    while driver.has_work():
+        driver.step()
+    for i in range(3):
+        assert [t for o in outputs[i] for t in o.token_ids] == list(range(10 * (i + 1) + 1, 10 * (i + 1) + 41))
+    assert [t for o in outputs[3] for t in o.token_ids] == [501, 502, 503, 504, 505]
+
+
 def test_requests_are_not_written_to(tokenizer):
     request = Request([5], 3, temperature=1.0)  # no seed: the scheduler draws one for itself
     new_driver(tokenizer).generate([request])

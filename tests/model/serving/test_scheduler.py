@@ -153,3 +153,65 @@ def test_cancelling_a_decoding_request_gives_its_pages_back():
     s.cancel("a")
     plan = s.schedule()
     assert plan.cancelled == [a] and plan.freed_slots == [0] and s.pages.pages_used == 0
+
+
+# -- chunked prefill ----------------------------------------------------------------------------------
+
+def chunking_scheduler(**kw):
+    return Scheduler(LIMITS, PageLayout(page_size=8, num_pages=64, pages_per_seq=8), prefill_chunk_tokens=16,
+                     prefill_buckets=(8, 16), **kw)
+
+
+def test_a_long_prompt_is_admitted_alone_and_prefilled_chunk_by_chunk_while_others_decode():
+    s = chunking_scheduler(slots=3, max_prefill_batch=2)
+    (short,) = s.add([req(5, "short")], now=0.0)
+    plan = s.schedule()
+    assert [r.request_id for r in plan.prefill.requests] == ["short"] and plan.chunk is None
+    s.decoded()
+    long, later = s.add([Request(list(range(40)), 4, request_id="long"), req(6, "later")], now=1.0)
+    assert long.bucket == 0 and short.bucket == 8
+    chunks = []
+    for _ in range(3):
+        plan = s.schedule()
+        assert plan.prefill is None  # "later" waits behind the long prompt (first come, first served)
+        chunks.append((plan.chunk.start, len(plan.chunk.tokens), plan.chunk.final))
+        assert s.slot_owners()[long.slot] is (long if plan.chunk.final else None)  # no token before its prompt is in
+        s.decoded()
+    assert chunks == [(0, 16, False), (16, 16, False), (32, 8, True)]
+    assert len(s.pages.pages_of(long.slot)) == 6 and s.pages.lengths[long.slot] == 41  # 40 + its first decode
+    assert s.pages.lengths[short.slot] == 5 + 4  # it decoded on every step
+    assert [r.request_id for r in s.schedule().prefill.requests] == ["later"]
+
+
+def test_cancelling_a_prompt_mid_chunk_frees_its_slot_and_pages():
+    s = chunking_scheduler(slots=2, max_prefill_batch=2)
+    (long,) = s.add([Request(list(range(40)), 4, request_id="long")], now=0.0)
+    assert s.schedule().chunk.start == 0 and s.pages.pages_used == 6
+    s.cancel("long")
+    plan = s.schedule()
+    assert plan.cancelled == [long] and plan.chunk is None and s.pages.pages_used == 0 and s.active_slots == 0
+
+
+def test_the_chunk_is_the_prefill_budget_of_a_whole_prompt_batch():
+    s = chunking_scheduler(slots=4, max_prefill_batch=4)
+    s.add([req(7) for _ in range(4)], now=0.0)
+    assert len(s.schedule().prefill.requests) == 2  # bucket 8: 16 // 8 rows
+
+
+def test_a_preempted_long_request_is_recomputed_in_chunks():
+    s = Scheduler(LIMITS, PageLayout(page_size=8, num_pages=7, pages_per_seq=8), slots=2, max_prefill_batch=1,
+                  prefill_chunk_tokens=16, prefill_buckets=(8, 16))
+    old, young = s.add([req(7, "old"), Request([1] * 8, 40, request_id="young")], now=0.0)
+    decode_steps(s, 2)  # both admitted: 1 page and 2 pages
+    young.generated = [2] * 20
+    s.pages.lengths[young.slot] = 28  # as if young had decoded 20 tokens: give it its 4 pages
+    assert s.pages.allocate(young.slot, 29)
+    for _ in range(16):  # old grows to 3 pages; then young must go
+        plan = s.schedule()
+        s.decoded()
+        if plan.preempted:
+            break
+    assert plan.preempted == [young] and young.bucket == 0  # 8 + 20 tokens > the 16-token chunk
+    assert plan.chunk is None and plan.prefill is None  # a step that preempts starts nothing new
+    plan = s.schedule()
+    assert plan.chunk is not None and plan.chunk.request is young and plan.chunk.tokens == young.tokens[:16]
