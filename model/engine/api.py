@@ -115,6 +115,12 @@ class Engine(abc.ABC):
         return None
 
     @property
+    def prefix_caching(self) -> bool:
+        """Whether requests share the cached KV pages of a common prompt prefix (the scheduler's
+        PagePool keeps them; the rest of a prompt is prefilled as a chunk continuing them)."""
+        return False
+
+    @property
     def prefill_buckets(self) -> tuple[int, ...]:
         """Prompt lengths `prefill` takes: the prompt buckets, and longer ones for recomputes."""
         return self.limits.prompt_buckets

@@ -72,11 +72,12 @@ class MockEngine(api.Engine):
     def __init__(self, slots: int = 4, prompt_buckets: Sequence[int] = (16, 64), max_prefill_batch: int = 4,
                  max_total_length: int = 256, vocab_size: int = GPT2_VOCAB_SIZE, eos_token_id: int = ENDOFTEXT_ID,
                  step_delay_s: float = 0.0, page_size: int = 16, num_pages: int | None = None,
-                 prefill_chunk_tokens: int | None = None):
+                 prefill_chunk_tokens: int | None = None, enable_prefix_caching: bool = False):
         pages_per_seq = cdiv(max_total_length, page_size)
         self._layout = PageLayout(page_size, num_pages or slots * pages_per_seq, pages_per_seq)
         self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length, self._layout.capacity_tokens)
         self._chunk = prefill_chunk_tokens
+        self._prefix_caching = enable_prefix_caching
         preemptible = self._layout.num_pages < slots * pages_per_seq  # then recomputes need the whole context
         longer = (max_total_length,) if preemptible and prompt_buckets[-1] < max_total_length else ()
         self._prefill_buckets = tuple(prompt_buckets) + longer  # as the paged engine's
@@ -118,6 +119,10 @@ class MockEngine(api.Engine):
     @property
     def prefill_chunk_tokens(self) -> int | None:
         return self._chunk
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self._prefix_caching
 
     # -- the lifecycle --------------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ class EngineConfig:
     attention: str = "auto"  # decode attention: "auto" (by platform) or one of paged_attention.IMPLS
     hbm_utilization: float = 0.9  # fraction of device memory weights + pool may take, when sizing the pool
     prefill_chunk_tokens: int | None = None  # tokens of one prefill that continues a prefix in the pool (None: off)
+    enable_prefix_caching: bool = False  # share cached full pages of prompts (needs prefill_chunk_tokens)
 
     def cache_len(self, cfg: GPTJConfig) -> int:
         return self.max_cache_len or cfg.n_positions
@@ -139,6 +140,9 @@ class EngineConfig:
         if chunk is not None and (chunk < 1 or chunk % self.page_size or chunk > cache_len):
             raise ValueError(f"prefill_chunk_tokens={chunk} must be a positive multiple of page_size="
                              f"{self.page_size} and at most max_cache_len={cache_len}")
+        if self.enable_prefix_caching and chunk is None:
+            raise ValueError("enable_prefix_caching needs prefill_chunk_tokens: a request prefills what follows its "
+                             "cached prefix as a chunk that continues it")
         if chunk is not None and self.batch_buckets[0] != 1:
             raise ValueError(f"chunked prefill runs one prompt at a time: batch_buckets={self.batch_buckets} "
                              "must start at 1")
@@ -344,6 +348,10 @@ class PagedEngine(api.Engine):
     @property
     def prefill_chunk_tokens(self) -> int | None:
         return self.config.prefill_chunk_tokens
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.config.enable_prefix_caching
 
     # -- the API --------------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ class Driver:
         self.on_prefill = on_prefill
         self._scheduler = Scheduler(engine.limits, engine.page_layout, engine.max_concurrent_decodes,
                                     engine.max_prefill_batch, engine.prefill_buckets, max_waiting,
-                                    engine.prefill_chunk_tokens)
+                                    engine.prefill_chunk_tokens, engine.prefix_caching)
         self._lock = threading.Condition()  # guards the scheduler; wakes the stepping thread
         self._streams: dict[str, tuple[OutputStream, OnOutput]] = {}  # by request id
         self._state = engine.init_decode_state()
@@ -69,7 +69,7 @@ class Driver:
         self.error: BaseException | None = None
         self.last_step_at = time.monotonic()  # heartbeat for health checks
         self.stats = collections.Counter()  # prefill_batches, prefill_rows, prefill_chunks, decode_steps,
-        #                                     tokens_out, preemptions
+        #                                     tokens_out, preemptions, prefix_cache_queries / _hits
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -115,7 +115,8 @@ class Driver:
         return self._scheduler.has_work() or self._in_flight is not None
 
     def kv_usage(self) -> dict:
-        """KV pages total / used / free and the fraction in use (`kv_cache_usage_perc`)."""
+        """KV pages total / used / free, the fraction in use (`kv_cache_usage_perc`; cached pages
+        nobody holds count as free) and the pages the prefix cache holds."""
         with self._lock:
             return self._scheduler.kv_usage()
 
@@ -138,6 +139,8 @@ class Driver:
         for s in plan.cancelled:
             self._deliver(s, self._stream(s).end("cancelled"))
         self.stats["preemptions"] += len(plan.preempted)
+        self.stats["prefix_cache_queries"] = self._scheduler.prefix_cache_queries  # prompt tokens, as vLLM counts
+        self.stats["prefix_cache_hits"] = self._scheduler.prefix_cache_hits
         if plan.prefill is not None:
             self._prefill(plan.prefill)
         if plan.chunk is not None:

@@ -17,6 +17,7 @@ writes position `lengths[s]` and attends over `lengths[s] + 1` tokens. The sched
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -45,23 +46,53 @@ class PageLayout:
         return self.num_pages * self.page_size
 
 
-class PagePool:
-    """Free pages and every slot's block table (see the module docstring)."""
+class CachedPage:
+    """One full page of tokens in the prefix cache. Its key in the cache is (the CachedPage before
+    it, or None for a sequence's first page; its tokens): a lookup compares every token and the
+    identity of the page before, so two different prefixes can never be taken for one another
+    (vLLM chains a hash of the same things; here the dictionary's equality check is the guarantee)."""
 
-    def __init__(self, layout: PageLayout, slots: int):
+    __slots__ = ("page", "key")
+
+    def __init__(self, page: int, key: tuple):
+        self.page = page
+        self.key = key
+
+
+class PagePool:
+    """Free pages and every slot's block table (see the module docstring).
+
+    With `prefix_caching`, full pages are also a cache (vLLM's automatic prefix caching): a page
+    whose tokens are known is registered under its prefix (`register`); `admit` gives a new
+    sequence every cached page of its longest cached prefix (shared, reference-counted), so only
+    the rest is prefilled. A page nobody holds any more stays cached, evictable, and is reused
+    least recently released first when no free page is left. Shared pages are full and before
+    every position a sequence writes, so sharing never needs a copy."""
+
+    def __init__(self, layout: PageLayout, slots: int, prefix_caching: bool = False):
         self.layout = layout
+        self.prefix_caching = prefix_caching
         self.table = np.zeros((slots, layout.pages_per_seq), np.int32)
         self.lengths = np.zeros((slots,), np.int32)
         self._free = list(range(layout.num_pages, 0, -1))  # a stack: the lowest page id is handed out first
         self._held = np.zeros((slots,), np.int32)  # pages in table[s]
+        self._refs = np.zeros((layout.num_pages + 1,), np.int32)  # slots holding each page
+        self._cache: dict[tuple, CachedPage] = {}  # (previous CachedPage | None, tokens) -> page
+        self._cached_of: dict[int, CachedPage] = {}  # page -> its entry
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, held by nobody
 
     @property
     def pages_free(self) -> int:
-        return len(self._free)
+        """Pages a sequence can take: free ones and cached ones nobody holds."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def pages_used(self) -> int:
-        return self.layout.num_pages - len(self._free)
+        return self.layout.num_pages - self.pages_free
+
+    @property
+    def pages_cached(self) -> int:
+        return len(self._cached_of)
 
     def pages_needed(self, slot: int, tokens: int) -> int:
         """Pages slot `slot` must still take to hold `tokens` tokens."""
@@ -72,18 +103,82 @@ class PagePool:
         need = self.pages_needed(slot, tokens)
         if tokens > self.layout.pages_per_seq * self.layout.page_size:
             raise ValueError(f"{tokens} tokens exceed a sequence's {self.layout.pages_per_seq} pages")
-        if need > len(self._free):
+        if need > self.pages_free:
             return False
         held = int(self._held[slot])
         for i in range(held, held + need):
-            self.table[slot, i] = self._free.pop()
+            self.table[slot, i] = self._take()
         self._held[slot] = held + need
         return True
 
+    def _take(self) -> int:
+        """A free page, else the least recently released cached one (leaving the cache)."""
+        if self._free:
+            page = self._free.pop()
+        else:
+            page, _ = self._evictable.popitem(last=False)
+            entry = self._cached_of.pop(page)
+            del self._cache[entry.key]
+        self._refs[page] = 1
+        return page
+
+    def cached_prefix(self, tokens: list[int]) -> list[int]:
+        """The cached pages of `tokens`' longest cached prefix of full pages, never the page of the last
+        token (it must be computed, for its logits)."""
+        page, found, previous = self.layout.page_size, [], None
+        if self.prefix_caching:
+            for i in range((len(tokens) - 1) // page):
+                entry = self._cache.get((previous, tuple(tokens[i * page:(i + 1) * page])))
+                if entry is None:
+                    break
+                found.append(entry.page)
+                previous = entry
+        return found
+
+    def admit(self, slot: int, tokens: list[int]) -> int | None:
+        """Pages for a new sequence of `tokens` in empty `slot`, plus its first decode token: every
+        cached page of its longest cached prefix, shared (never the page of its last token, which
+        must be computed for its logits), and new pages for the rest. Returns how many tokens the
+        shared pages hold, or None (nothing taken) when the rest does not fit."""
+        shared = self.cached_prefix(tokens)
+        reusable = sum(1 for p in shared if self._refs[p] == 0)  # evictable now, not once shared
+        if self.layout.pages_for(len(tokens) + 1) - len(shared) > self.pages_free - reusable:
+            return None
+        for i, p in enumerate(shared):
+            self._refs[p] += 1
+            self._evictable.pop(p, None)
+            self.table[slot, i] = p
+        self._held[slot] = len(shared)
+        assert self.allocate(slot, len(tokens) + 1)
+        return len(shared) * self.layout.page_size
+
+    def register(self, slot: int, tokens: list[int]) -> None:
+        """Cache slot `slot`'s full pages whose tokens are `tokens` (its sequence from position 0, as
+        far as its keys and values are written). A prefix cached already keeps its page."""
+        if not self.prefix_caching:
+            return
+        page, previous = self.layout.page_size, None
+        for i in range(min(len(tokens) // page, int(self._held[slot]))):
+            key = (previous, tuple(tokens[i * page:(i + 1) * page]))
+            entry = self._cache.get(key)
+            if entry is None:
+                p = int(self.table[slot, i])
+                if p in self._cached_of:  # this page is cached under another prefix: stop here
+                    return
+                entry = self._cache[key] = self._cached_of[p] = CachedPage(p, key)
+            previous = entry
+
     def free(self, slot: int) -> None:
-        """Give back every page `slot` holds; the slot is empty."""
+        """Give back every page `slot` holds; the slot is empty. A cached page nobody holds any more
+        stays cached, evictable."""
         held = int(self._held[slot])
-        self._free.extend(int(p) for p in self.table[slot, :held][::-1])
+        for p in (int(p) for p in self.table[slot, :held][::-1]):
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                if p in self._cached_of:
+                    self._evictable[p] = None
+                else:
+                    self._free.append(p)
         self.table[slot] = TRASH_PAGE
         self._held[slot] = 0
         self.lengths[slot] = 0

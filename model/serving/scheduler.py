@@ -100,15 +100,16 @@ class StepPlan:
 class Scheduler:
     def __init__(self, limits: Limits, layout: PageLayout, slots: int, max_prefill_batch: int,
                  prefill_buckets: Sequence[int] | None = None, max_waiting: int | None = None,
-                 prefill_chunk_tokens: int | None = None):
+                 prefill_chunk_tokens: int | None = None, prefix_caching: bool = False):
         """`prefill_buckets`: what the engine prefills whole (default: the prompt buckets); a preempted
         request is recomputed in the one that holds its prompt and generated tokens, or in chunks.
-        `prefill_chunk_tokens`: the engine's chunk (None: no chunked prefill)."""
+        `prefill_chunk_tokens`: the engine's chunk (None: no chunked prefill). `prefix_caching`:
+        share cached full pages of prompts (needs the chunk: the rest continues the cached prefix)."""
         self.limits = limits
         self.max_prefill_batch = max_prefill_batch
         self.prefill_buckets = tuple(prefill_buckets or limits.prompt_buckets)
         self.max_waiting = max_waiting
-        self.pages = PagePool(layout, slots)
+        self.pages = PagePool(layout, slots, prefix_caching)
         self._waiting: collections.deque[Scheduled] = collections.deque()
         self._slots: list[Scheduled | None] = [None] * slots
         self._cancelled: set[str] = set()
@@ -117,6 +118,8 @@ class Scheduler:
         self.preemptions = 0
         self.chunk = prefill_chunk_tokens
         self._chunking: Scheduled | None = None  # the long prompt being prefilled chunk by chunk
+        self.prefix_cache_queries = 0  # prompt tokens admitted (recomputes included), vLLM's counters
+        self.prefix_cache_hits = 0  # of which were found in cached pages
 
     # -- requests in ----------------------------------------------------------------------------
 
@@ -173,23 +176,26 @@ class Scheduler:
         oldest waiting request if it needs chunking and its pages fit."""
         s = self._chunking
         if s is None:
-            if not self._waiting or self._waiting[0].bucket != 0:
+            if not self._waiting or (self._waiting[0].bucket != 0 and not self.pages.cached_prefix(self._waiting[0].tokens)):
                 return None
             s = self._waiting[0]
             free = [i for i, owner in enumerate(self._slots) if owner is None]
-            if not free or not self.pages.allocate(free[0], len(s.tokens) + 1):
+            cached = self.pages.admit(free[0], s.tokens) if free else None
+            if cached is None:
                 return None
             self._waiting.popleft()
-            s.slot, s.admission, s.prefilled = free[0], self._admissions, 0
+            s.slot, s.admission, s.prefilled = free[0], self._admissions, cached
             self._admissions += 1
             self._slots[s.slot] = s
             self._chunking = s
+            self._count_prefix(s, cached)
         start = s.prefilled
         tokens = s.tokens[start : start + self.chunk]
         s.prefilled += len(tokens)
         final = s.prefilled == len(s.tokens)
         if final:  # it decodes from this step on
             self.pages.lengths[s.slot] = len(s.tokens)
+            self.pages.register(s.slot, s.tokens)
             self._chunking = None
         return PrefillChunk(s, start, tokens, final)
 
@@ -205,9 +211,7 @@ class Scheduler:
         return preempted
 
     def _preempt(self, s: Scheduled) -> None:
-        self.pages.free(s.slot)
-        self._slots[s.slot] = None
-        s.slot = None
+        self._release(s)
         s.preemptions += 1
         s.bucket = self._bucket(len(s.tokens))
         self._waiting.appendleft(s)
@@ -227,15 +231,29 @@ class Scheduler:
             if not self.pages.allocate(slot, len(s.tokens) + 1):  # the prompt and the first decode step's token
                 break
             self.pages.lengths[slot] = len(s.tokens)
+            self.pages.register(slot, s.tokens)  # written by this step's prefill, before anyone reads them
             s.slot, s.admission = slot, self._admissions
             self._admissions += 1
             self._slots[slot] = s
+            self._count_prefix(s, 0)
             batch.append(s)
         if not batch:
             return None
         taken = set(map(id, batch))
         self._waiting = collections.deque(s for s in self._waiting if id(s) not in taken)
         return PrefillBatch(bucket, batch, [s.slot for s in batch])
+
+    def _count_prefix(self, s: Scheduled, cached: int) -> None:
+        self.prefix_cache_queries += len(s.tokens)
+        self.prefix_cache_hits += cached
+
+    def _release(self, s: Scheduled) -> None:
+        """`s` gives its slot and pages back; the full pages it wrote stay cached (prefix caching)."""
+        written = s.prefilled if s is self._chunking else int(self.pages.lengths[s.slot])
+        self.pages.register(s.slot, s.tokens[:written])
+        self.pages.free(s.slot)
+        self._slots[s.slot] = None
+        s.slot = None
 
     def decoded(self) -> None:
         """A decode step ran for every occupied slot: each sequence holds one more token."""
@@ -250,11 +268,10 @@ class Scheduler:
     def finish(self, s: Scheduled) -> None:
         """`s` has ended: it leaves the queue or frees its slot. Idempotent."""
         if s is self._chunking:
+            self._release(s)
             self._chunking = None
         if s.slot is not None:
-            self.pages.free(s.slot)
-            self._slots[s.slot] = None
-            s.slot = None
+            self._release(s)
         elif s in self._waiting:
             self._waiting.remove(s)
         self._live.pop(s.request_id, None)
@@ -289,7 +306,7 @@ class Scheduler:
         """The page pool's occupancy (vLLM's `kv_cache_usage_perc` is a fraction too)."""
         total, used = self.pages.layout.num_pages, self.pages.pages_used
         return {"kv_pages_total": total, "kv_pages_used": used, "kv_pages_free": total - used,
-                "kv_cache_usage_perc": used / total}
+                "kv_cache_usage_perc": used / total, "kv_pages_cached": self.pages.pages_cached}
 
     def has_work(self) -> bool:
         return bool(self._waiting) or self.active_slots > 0 or bool(self._cancelled)

@@ -267,7 +267,7 @@ def test_preempted_requests_finish_exactly_as_unpreempted_runs(engine, small_poo
         assert result.token_ids == alone.token_ids, request.request_id
         np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-4)
     assert driver.kv_usage() == {"kv_pages_total": 12, "kv_pages_used": 0, "kv_pages_free": 12,
-                                 "kv_cache_usage_perc": 0.0}
+                                 "kv_cache_usage_perc": 0.0, "kv_pages_cached": 0}
 
 
 def test_pool_smaller_than_a_context_refuses_what_can_never_fit(loaded, tokenizer):
@@ -328,3 +328,35 @@ def test_cancelling_mid_prefill_frees_the_slot_and_its_pages(chunking_engine, to
     driver.step()
     assert outputs[-1].finish_reason == "cancelled" and outputs[-1].token_ids == []
     assert driver.kv_usage()["kv_pages_used"] == 0 and driver.active_slots == 0 and not driver.has_work()
+
+
+@pytest.fixture(scope="module")
+def caching_engine(loaded):
+    """Prefix caching over 8-token pages; what follows a cached prefix is prefilled 16 tokens at a time.
+    A pool of 12 pages (fewer than 4 full contexts): cached pages are evicted under pressure."""
+    engine = PagedEngine(loaded.weights, loaded.cfg, dataclasses.replace(
+        CONFIG, prefill_chunk_tokens=16, enable_prefix_caching=True, num_pages=12))
+    engine.warmup(progress=False)
+    return engine
+
+
+def test_prefix_caching_reuses_pages_and_changes_no_output(engine, caching_engine, loaded, tokenizer):
+    rng = random.Random(3)
+    vocab = loaded.cfg.vocab_size
+    shared = random_prompt(rng, vocab, 24, 24)  # three full pages
+    requests = [Request(shared + random_prompt(rng, vocab, 1, 6), 12, temperature=t, seed=i, request_id=f"r{i}")
+                for i, t in enumerate([0.0, 0.0, 1.0, 0.0])]
+    others = [Request(random_prompt(rng, vocab, 20, 30), 12, request_id=f"other{i}") for i in range(4)]
+    driver = Driver(caching_engine, tokenizer)
+    first = driver.generate(requests[:1])  # caches the shared pages
+    rest = driver.generate(requests[1:] + others)  # the others' pages push cached ones out of 12
+    assert driver.stats["prefix_cache_hits"] >= 3 * 24 and caching_engine.compilations_since_warmup == 0
+    prompt_tokens = sum(len(r.prompt_ids) for r in requests + others)  # and recomputes' tokens, when preempted
+    queries = driver.stats["prefix_cache_queries"]
+    assert queries >= prompt_tokens and (queries == prompt_tokens) == (driver.stats["preemptions"] == 0)
+    for request, result in zip(requests + others, first + rest):
+        alone = run_alone(engine, tokenizer, request)
+        assert result.token_ids == alone.token_ids, request.request_id
+        np.testing.assert_allclose(result.logprobs, alone.logprobs, atol=1e-5)
+    usage = driver.kv_usage()
+    assert usage["kv_pages_used"] == 0 and usage["kv_pages_free"] == 12 and 0 < usage["kv_pages_cached"] <= 12

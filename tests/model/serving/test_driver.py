@@ -136,6 +136,17 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_keep_decoding(tok
     assert [t for o in outputs[3] for t in o.token_ids] == [501, 502, 503, 504, 505]
 
 
+def test_a_cached_prefix_is_counted_and_only_the_rest_is_prefilled(tokenizer):
+    driver = new_driver(tokenizer, slots=2, prompt_buckets=(16, 64), prefill_chunk_tokens=32,
+                        enable_prefix_caching=True)
+    shared = list(range(1000, 1040))  # two full 16-token pages and 8 tokens more
+    first, second = driver.generate([Request(shared + [5], 3, request_id="a")]) + \
+        driver.generate([Request(shared + [7, 8], 3, request_id="b")])
+    assert first.token_ids == [6, 7, 8] and second.token_ids == [9, 10, 11]
+    assert driver.stats["prefix_cache_queries"] == 41 + 42 and driver.stats["prefix_cache_hits"] == 32
+    assert driver.stats["prefill_chunks"] == 3  # a: 32 + 9 tokens; b: the 10 after its 32 cached ones, in one
+
+
 def test_requests_are_not_written_to(tokenizer):
     request = Request([5], 3, temperature=1.0)  # no seed: the scheduler draws one for itself
     new_driver(tokenizer).generate([request])

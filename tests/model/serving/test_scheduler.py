@@ -106,7 +106,8 @@ def test_admission_takes_the_prompts_pages_and_decoding_takes_one_more_per_page_
     assert s.pages.lengths.tolist() == [16, 18]
     decode_steps(s, 1)  # a's 17th token needs a third page; b's 19th still fits its third
     assert s.pages.pages_of(a.slot) == [1, 2, 6] and len(s.pages.pages_of(b.slot)) == 3
-    assert s.kv_usage() == {"kv_pages_total": 10, "kv_pages_used": 6, "kv_pages_free": 4, "kv_cache_usage_perc": 0.6}
+    assert s.kv_usage() == {"kv_pages_total": 10, "kv_pages_used": 6, "kv_pages_free": 4, "kv_cache_usage_perc": 0.6,
+                            "kv_pages_cached": 0}
     s.finish(a)
     assert s.kv_usage()["kv_pages_used"] == 3 and s.pages.lengths[0] == 0 and s.pages.table[0].tolist() == [0] * 8
 
