@@ -1,0 +1,45 @@
+"""The bench.interference output contract: an unchunked and a chunked row, measured after warm-up."""
+
+import json
+
+import pytest
+
+from bench import interference
+
+KEYS = {"chunked", "chunk", "median_step_ms", "max_gap_ms", "long_ttft_ms", "gaps_during_prefill", "prefill_chunks",
+        "compilations_after_warmup"}
+
+
+def test_unchunked_then_chunked_rows(capsys):
+    assert interference.main(["--checkpoint", "tiny", "--decoders", "2", "--long-prompt", "60", "--chunk", "32",
+                              "--new-tokens", "16", "--max-cache-len", "64", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["chunked"], r["chunk"]) for r in rows] == [(False, None), (True, 32)]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert r["median_step_ms"] > 0 and r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0
+        assert r["gaps_during_prefill"] >= 1 and r["compilations_after_warmup"] == 0
+    # 60 tokens in chunks of 32: two chunk steps, each with a decode step, so a decoder gets tokens meanwhile
+    assert (rows[0]["prefill_chunks"], rows[1]["prefill_chunks"]) == (0, 2)
+    assert rows[1]["gaps_during_prefill"] >= 2
+
+
+def test_gaps_that_overlap_the_prefill_are_the_stall():
+    # decoder a: steps of 1 s, then a 5 s stall across the long prompt's prefill (submitted at 2.5, first token at 6.5)
+    a = [0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 10.0]
+    b = [0.5, 1.5, 2.5, 7.0, 8.0]
+    row = interference.measure([a, b], submitted=2.5, first=6.5, new_tokens=7)
+    assert row["max_gap_ms"] == 5000.0 and row["long_ttft_ms"] == 4000.0
+    assert row["gaps_during_prefill"] == 3  # a: 2-3, 3-8; b: 2.5-7 (b's 1.5-2.5 ends at the submit)
+    assert row["median_step_ms"] == 1000.0  # of all 10 gaps
+
+
+def test_a_decoder_that_ends_before_the_first_token_is_refused():
+    with pytest.raises(interference.TooFewTokens, match="1 decoders ended before the long prompt's first token"):
+        interference.measure([[0.0, 1.0, 9.0], [0.0, 1.0, 2.0]], submitted=1.5, first=5.0, new_tokens=3)
+
+
+def test_a_long_prompt_that_is_not_chunked_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        interference.main(["--checkpoint", "tiny", "--long-prompt", "32", "--chunk", "32"])
+    assert "--long-prompt 32 must be longer than --chunk 32" in capsys.readouterr().err
