@@ -14,7 +14,8 @@ reports no memory (CPU) it is the dense equivalent, slots x cdiv(max_cache_len, 
 slots x max_cache_len reservation would allow.
 
 Shapes, all compiled at warm-up (`warmup`), none after (`compilations_since_warmup` stays 0):
-- prefill and insert: one program per (prefill bucket x batch bucket). A prompt is right-padded to
+- prefill and insert: one program per (prefill bucket x batch bucket), and with chunked prefill one
+  per (prefill bucket x prefix page bucket) for a single prompt continuing a prefix in the pool. A prompt is right-padded to
   the smallest prompt bucket; the prefill buckets are the prompt buckets plus, when they stop short
   of `max_cache_len` and the pool can run out, one of that length, so a preempted request can be
   recomputed from its prompt and everything it generated (model.serving.scheduler);
@@ -388,7 +389,7 @@ class PagedEngine(api.Engine):
             raise ValueError(f"a prefix of {prefix.start} tokens must be a positive multiple of page_size={page}, "
                              f"and with {len(prompts[0])} more tokens fit max_cache_len={self.cache_len}")
         n = self._bucket(prefix.start // page, self.page_buckets, "prefix page count")
-        tokens, lengths = _padded(prompts, 1, chunk)
+        tokens, lengths = _padded(prompts, 1, self._bucket(len(prompts[0]), self._prefill_buckets, "prompt"))
         tables = prefix.pages.table[[prefix.slot], :n].copy()
         return self._prefill_context(self.weights, prefix.state.pages, tables, np.array([prefix.start], np.int32),
                                      tokens, lengths, steps, params)
@@ -440,15 +441,13 @@ class PagedEngine(api.Engine):
             params = SamplingParams.host([0.0] * b, [0] * b, [1.0] * b, [0] * b)
             prefix = self.prefill([[0] * t] * b, params)  # length t selects bucket t
             state = self.insert(prefix, state, list(range(b)), scratch)
-        page = self.config.page_size
-        reachable = sorted({smallest_fitting(pages, self.page_buckets): pages  # prefix pages selecting each bucket
-                            for pages in range(1, (self.cache_len - 1) // page + 1)}.items())
-        for i, (n, prefix_pages) in enumerate(reachable if self.config.prefill_chunk_tokens else ()):
+        continuing = self._continuing_shapes() if self.config.prefill_chunk_tokens else []
+        for i, (t, n, shortest, prefix_tokens) in enumerate(continuing):
             if progress:
-                _progress(f"continuing prefill {i + 1}/{len(reachable)} (a prefix of up to {n} pages)", start)
+                _progress(f"continuing prefill {i + 1}/{len(continuing)} (prompt {t} after up to {n} pages)", start)
             params = SamplingParams.host([0.0], [0], [1.0], [0])
-            prefix = self.prefill([[0]], params, PoolPrefix(state, scratch, 0, prefix_pages * page))
-            state = self.insert(prefix, state, [0], scratch, start=prefix_pages * page)
+            prefix = self.prefill([[0] * shortest], params, PoolPrefix(state, scratch, 0, prefix_tokens))
+            state = self.insert(prefix, state, [0], scratch, start=prefix_tokens)
         for i, n in enumerate(self.page_buckets):
             if progress:
                 _progress(f"decode step {i + 1}/{len(self.page_buckets)} ({n} pages per sequence)", start)
@@ -462,6 +461,17 @@ class PagedEngine(api.Engine):
                   f"{seconds:.1f}s ({self._layout.num_pages} KV pages of {self.config.page_size} tokens, "
                   f"attention: {self.attention_impl})", file=sys.stderr, flush=True)
         return seconds
+
+
+    def _continuing_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Every (prefill bucket t, prefix page bucket n) a prefill continuing a prefix can meet, as
+        (t, n, the shortest prompt of bucket t, a prefix length of bucket n that leaves room for it)."""
+        page, shapes = self.config.page_size, []
+        for i, t in enumerate(self._prefill_buckets):
+            shortest = self._prefill_buckets[i - 1] + 1 if i else 1
+            by_bucket = {smallest_fitting(p, self.page_buckets): p for p in range(1, (self.cache_len - shortest) // page + 1)}
+            shapes += [(t, n, shortest, p * page) for n, p in sorted(by_bucket.items())]
+        return shapes
 
 
 def _progress(what: str, start: float) -> None:
