@@ -2,38 +2,40 @@
 prefilled, without and with chunked prefill, on the same weights in the same process.
 
     python -m bench.interference --checkpoint PATH_OR_PRESET --decoders 7 --long-prompt 1900 \\
-        [--chunk 256] [--new-tokens 64] [--max-cache-len L] [--dtype float32|bfloat16] [--json]
+        [--chunk 256] [--new-tokens 64] [--max-cache-len L] [--repeats 3] [--dtype float32|bfloat16] [--json]
 
-Two runs, unchunked (prefill_chunk_tokens=None) then chunked (--chunk), each on its own paged engine
-over the same weights, warmed up (every shape compiled) before it is timed. A run: --decoders requests
+Two paged engines over the same weights, unchunked (prefill_chunk_tokens=None) and chunked (--chunk),
+both warmed up (every shape compiled) before anything is timed; then --repeats runs of each,
+alternated (unchunked, chunked, unchunked, ...), each on a fresh driver, so that a machine whose speed
+drifts (a shared CPU) slows both alike and the spread between repeats shows. A run: --decoders requests
 with 32-token prompts and --new-tokens greedy tokens each are submitted together; once each has
 received 8 tokens, one --long-prompt-token prompt (one new token) is submitted, and the driver is stepped
 until every request has ended. The driver is stepped here, one `step()` at a time, and each output is
 timestamped as its callback receives it, so the figures are what a streaming client would see.
 
 One row per run, printed as it is measured (with --json one JSON object per line, else key=value):
-    {"chunked": bool, "chunk": C | null, "median_step_ms", "max_gap_ms", "long_ttft_ms",
-     "gaps_during_prefill", "prefill_chunks", "compilations_after_warmup", ...the run's shape}
+    {"chunked": bool, "chunk": C | null, "repeat": r, "median_step_ms", "max_gap_ms", "long_ttft_ms",
+     "gaps_during_prefill", "prefill_chunks", "compilations", ...the run's shape}
 - median_step_ms: the median gap between two consecutive tokens of one decoding request, over the
   whole run (every decoder, every gap): the ordinary step, as a decoding client sees it;
 - max_gap_ms: the longest such gap among those that overlap the long prompt's prefill (from its
   submit to its first token; `gaps_during_prefill` says how many there were): how long the prefill
   stalled the decoders;
-- long_ttft_ms: the long prompt's submit to its first token.
+- long_ttft_ms: the long prompt's submit to its first token;
+- compilations: XLA compilations in this process during the run (0: every shape came from warm-up).
 The issue's goals are for chunked rows: max_gap_ms <= 3x median_step_ms, and long_ttft_ms <= 1.3x the
-unchunked row's. The run fails (exit 1) if a decoder ended before the long prompt's first token:
+unchunked rows'. The run fails (exit 1) if a decoder ended before the long prompt's first token:
 --new-tokens was too few to measure the whole prefill.
 
 Engine: prompt buckets (32, --max-cache-len) (the long prompt's validation needs a bucket that holds
 it; with chunking whole prompts are prefilled only up to the chunk, longer ones chunk by chunk), batch
 buckets (1, decoders + 1), slots decoders + 1, page size 16, the pool the dense equivalent (every slot
-can hold a whole context: no preemption). Progress goes to stderr; results to stdout.
+can hold a whole context: no preemption); the two engines' pools are on the device together. Progress goes to stderr; results to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -55,9 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=256, help="prefill_chunk_tokens of the chunked run")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens each decoding request generates")
     p.add_argument("--max-cache-len", type=int, default=None, help="context of a sequence (default: n_positions)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each engine, alternated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--json", action="store_true", help="one JSON object per run on stdout (default: key=value)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.decoders < 1:
         p.error("--decoders must be >= 1")
     if args.new_tokens <= LEAD_TOKENS:
@@ -131,19 +136,31 @@ def engine_config(args, max_cache_len: int, chunk: int | None):
                         num_pages=slots * -(-max_cache_len // PAGE_SIZE), prefill_chunk_tokens=chunk)
 
 
-def run(loaded, mesh, args, max_cache_len: int, chunk: int | None) -> dict:
+def make_engine(loaded, mesh, args, max_cache_len: int, chunk: int | None):
+    """A paged engine over `loaded`'s weights, every shape compiled."""
     from model.engine.paged import PagedEngine
+
+    engine = PagedEngine(loaded.weights, loaded.cfg, engine_config(args, max_cache_len, chunk), mesh)
+    log(f"{name(chunk)}: warm-up")
+    engine.warmup(progress=False)
+    log(f"{name(chunk)}: warm-up took {engine.warmup_seconds:.1f}s")
+    return engine
+
+
+def name(chunk: int | None) -> str:
+    return f"chunk {chunk}" if chunk else "unchunked"
+
+
+def run(engine, args, chunk: int | None, repeat: int) -> dict:
+    """One run on a fresh driver (an empty pool, zero counters) over `engine`; its row."""
+    from model.engine.compilations import compilation_count
     from model.serving.driver import Driver
     from model.serving.request import Request
     from model.text.tokenizer import Tokenizer
 
-    name = f"chunk {chunk}" if chunk else "unchunked"
-    engine = PagedEngine(loaded.weights, loaded.cfg, engine_config(args, max_cache_len, chunk), mesh)
-    log(f"{name}: warm-up")
-    engine.warmup(progress=False)
-    log(f"{name}: warm-up took {engine.warmup_seconds:.1f}s")
     driver = Driver(engine, Tokenizer.gpt2())
-    vocab = loaded.cfg.real_vocab_size
+    compiled_before = compilation_count()
+    vocab = engine.model_config.real_vocab_size
     rec = Recorder()
     decoders = [Request(prompt_ids=random_prompt(SHORT_PROMPT, vocab, seed=i), max_tokens=args.new_tokens)
                 for i in range(args.decoders)]
@@ -151,19 +168,20 @@ def run(loaded, mesh, args, max_cache_len: int, chunk: int | None) -> dict:
     step_until(driver, lambda: all(len(rec.times[r.request_id]) >= LEAD_TOKENS for r in decoders))
     long = Request(prompt_ids=random_prompt(args.long_prompt, vocab, seed=args.decoders), max_tokens=1)
     on_long = rec.callback(long.request_id)
-    log(f"{name}: {args.decoders} decoding; submitting the {args.long_prompt}-token prompt")
+    log(f"{name(chunk)}, repeat {repeat + 1}/{args.repeats}: {args.decoders} decoding; "
+        f"submitting the {args.long_prompt}-token prompt")
     submitted = time.perf_counter()
     driver.submit(long, on_long)
     step_until(driver, lambda: rec.times[long.request_id])
     first = rec.times[long.request_id][0]
     step_until(driver, lambda: not driver.has_work())
-    row = {"chunked": chunk is not None, "chunk": chunk,
+    row = {"chunked": chunk is not None, "chunk": chunk, "repeat": repeat,
            **measure([rec.times[r.request_id] for r in decoders], submitted, first, args.new_tokens),
            "prefill_chunks": driver.stats["prefill_chunks"],
-           "compilations_after_warmup": engine.compilations_since_warmup,
+           "compilations": compilation_count() - compiled_before,
            "decoders": args.decoders, "long_prompt": args.long_prompt, "new_tokens": args.new_tokens,
-           "max_cache_len": max_cache_len, "page_size": PAGE_SIZE, "dtype": args.dtype}
-    log(f"{name}: median step {row['median_step_ms']} ms, max gap {row['max_gap_ms']} ms, "
+           "max_cache_len": engine.cache_len, "page_size": PAGE_SIZE, "dtype": args.dtype}
+    log(f"{name(chunk)}: median step {row['median_step_ms']} ms, max gap {row['max_gap_ms']} ms, "
         f"long TTFT {row['long_ttft_ms']} ms")
     return row
 
@@ -190,14 +208,15 @@ def main(argv=None) -> int:
     if args.chunk > max_cache_len:
         log(f"error: --chunk {args.chunk} exceeds max_cache_len {max_cache_len}")
         return 2
-    for chunk in (None, args.chunk):
-        try:
-            row = run(loaded, mesh, args, max_cache_len, chunk)
-        except TooFewTokens as e:
-            log(f"error: {e}")
-            return 1
-        print(json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        gc.collect()  # the run's engine and pool go before the next one's are made
+    engines = {chunk: make_engine(loaded, mesh, args, max_cache_len, chunk) for chunk in (None, args.chunk)}
+    for repeat in range(args.repeats):
+        for chunk, engine in engines.items():
+            try:
+                row = run(engine, args, chunk, repeat)
+            except TooFewTokens as e:
+                log(f"error: {e}")
+                return 1
+            print(json.dumps(row) if args.json else "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return 0
 
 

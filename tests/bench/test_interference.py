@@ -1,4 +1,4 @@
-"""The bench.interference output contract: an unchunked and a chunked row, measured after warm-up."""
+"""The bench.interference output contract: unchunked and chunked rows, alternated, measured after warm-up."""
 
 import json
 
@@ -7,21 +7,22 @@ import pytest
 from bench import interference
 
 KEYS = {"chunked", "chunk", "median_step_ms", "max_gap_ms", "long_ttft_ms", "gaps_during_prefill", "prefill_chunks",
-        "compilations_after_warmup"}
+        "compilations"}
 
 
 def test_unchunked_then_chunked_rows(capsys):
     assert interference.main(["--checkpoint", "tiny", "--decoders", "2", "--long-prompt", "60", "--chunk", "32",
-                              "--new-tokens", "16", "--max-cache-len", "64", "--json"]) == 0
+                              "--new-tokens", "16", "--max-cache-len", "64", "--repeats", "2", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["chunked"], r["chunk"]) for r in rows] == [(False, None), (True, 32)]
+    assert [(r["chunked"], r["chunk"], r["repeat"]) for r in rows] == [(False, None, 0), (True, 32, 0),
+                                                                        (False, None, 1), (True, 32, 1)]
     for r in rows:
         assert KEYS <= set(r)
         assert r["median_step_ms"] > 0 and r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0
-        assert r["gaps_during_prefill"] >= 1 and r["compilations_after_warmup"] == 0
+        assert r["gaps_during_prefill"] >= 1 and r["compilations"] == 0
     # 60 tokens in chunks of 32: two chunk steps, each with a decode step, so a decoder gets tokens meanwhile
-    assert (rows[0]["prefill_chunks"], rows[1]["prefill_chunks"]) == (0, 2)
-    assert rows[1]["gaps_during_prefill"] >= 2
+    assert [r["prefill_chunks"] for r in rows] == [0, 2, 0, 2]  # each run's own driver counts
+    assert rows[1]["gaps_during_prefill"] >= 2 and rows[3]["gaps_during_prefill"] >= 2
 
 
 def test_gaps_that_overlap_the_prefill_are_the_stall():
