@@ -51,6 +51,15 @@ class AppArgs(BaseModel):
         0.9, gt=0, le=1, description="fraction of each device's memory the weights and the KV pool may take "
         "together (vLLM's gpu_memory_utilization); sizes the pool when kv_pages is not set"
     )
+    prefill_chunk_tokens: int | None = Field(
+        512, ge=1, description="chunked prefill: a longer prompt is prefilled this many tokens per step while the "
+        "others decode, and it is each step's prefill budget (a multiple of page_size; fitted down to max_cache_len); "
+        "None: whole prompts only (then no prefix caching)"
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="requests share the KV pages of a common prompt prefix (full pages, matched token for "
+        "token) and prefill only the rest; needs prefill_chunk_tokens"
+    )
 
     # -- the batcher -----------------------------------------------------------------------------
     batch_max_size: int = Field(8, ge=1, description="largest prefill batch the batcher forms")
@@ -96,14 +105,25 @@ class AppArgs(BaseModel):
             )
         if self.prefill_batch_buckets and max(self.prefill_batch_buckets) > self.slots:
             raise ValueError(f"prefill_batch_buckets={list(self.prefill_batch_buckets)} exceed slots={self.slots}")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens % self.page_size:
+            raise ValueError(f"prefill_chunk_tokens={self.prefill_chunk_tokens} must be a multiple of "
+                             f"page_size={self.page_size}")
+        if self.enable_prefix_caching and self.prefill_chunk_tokens is None:
+            raise ValueError("enable_prefix_caching needs prefill_chunk_tokens (the rest of a prompt after its "
+                             "cached prefix is prefilled as a chunk)")
         return self
 
-    def engine_options(self, prompt_buckets: tuple[int, ...] | None = None) -> dict:
+    def engine_options(self, prompt_buckets: tuple[int, ...] | None = None, cache_len: int | None = None) -> dict:
         """The paged engine's config fields (model.engine.paged.EngineConfig) these args give: the one
         mapping the replica serves with and bench.lower lowers. `prompt_buckets` replaces the args'
-        own (the replica fits them to the checkpoint's context)."""
+        own (the replica fits them to the checkpoint's context); `cache_len`, the context, caps the
+        chunk (whole pages)."""
+        chunk = self.prefill_chunk_tokens
+        if chunk is not None and cache_len is not None:
+            chunk = min(chunk, cache_len // self.page_size * self.page_size)
         return dict(
             prompt_buckets=tuple(prompt_buckets or self.prompt_buckets), batch_buckets=tuple(self.prefill_batch_buckets),
             slots=self.slots, max_cache_len=self.max_cache_len, kv_cache_dtype=self.kv_cache_dtype,
             page_size=self.page_size, num_pages=self.kv_pages, hbm_utilization=self.hbm_utilization,
+            prefill_chunk_tokens=chunk, enable_prefix_caching=self.enable_prefix_caching,
         )

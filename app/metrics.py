@@ -7,7 +7,8 @@ Each deployment records what it alone can see:
 - Replica: how long requests wait for a decode slot (queue time), the prefill batches the engine runs
   (by prompt bucket), slot occupancy, the waiting queue, the KV cache's pages (used, free, and the
   fraction used: vLLM's `kv_cache_usage_perc`), preemptions (requests whose pages were taken back
-  when a growing sequence found none free; they are requeued and recomputed), and XLA compilations
+  when a growing sequence found none free; they are requeued and recomputed), the prefix cache's
+  queries and hits (prompt tokens, vLLM's counters: hit rate = hits / queries), and XLA compilations
   since warm-up (must stay 0: a non-zero value means a shape escaped the buckets and a request paid
   for a compile).
 
@@ -66,5 +67,11 @@ class ReplicaMetrics:
         self.kv_cache_usage = Gauge("gptj_kv_cache_usage_perc", "fraction of the KV-cache pages in use (0 to 1)")
         self.preemptions = Counter(
             "gptj_preemptions", "requests preempted for want of a free KV page (requeued and recomputed)"
+        )
+        self.prefix_cache_queries = Counter(
+            "gptj_prefix_cache_queries", "prompt tokens admitted, recomputes included (vLLM's prefix_cache_queries)"
+        )
+        self.prefix_cache_hits = Counter(
+            "gptj_prefix_cache_hits", "of those, tokens found in cached KV pages (vLLM's prefix_cache_hits)"
         )
         self.compilations = Gauge("gptj_compilations_since_warmup", "XLA compilations after warm-up (expected 0)")

@@ -86,7 +86,7 @@ def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | 
     if prompt_buckets != tuple(args.prompt_buckets):
         logger.warning(f"prompt buckets {list(args.prompt_buckets)} exceed the {cache_len}-position cache of "
                        f"{args.checkpoint}; serving with {list(prompt_buckets)}")
-    config = EngineConfig(**args.engine_options(prompt_buckets))
+    config = EngineConfig(**args.engine_options(prompt_buckets, cache_len))
     engine = PagedEngine(loaded.weights, loaded.cfg, config, mesh)
     engine.warmup()
     layout = engine.page_layout
@@ -293,7 +293,8 @@ class Replica:
             "compilations_since_warmup": self._driver.engine.compilations_since_warmup,
             "warmup_seconds": self._driver.engine.warmup_seconds,
             **self._driver.kv_usage(),
-            **dict.fromkeys(("prefill_batches", "prefill_rows", "decode_steps", "tokens_out", "preemptions"), 0),
+            **dict.fromkeys(("prefill_batches", "prefill_rows", "prefill_chunks", "decode_steps", "tokens_out",
+                             "preemptions", "prefix_cache_queries", "prefix_cache_hits"), 0),
             **self._driver.stats,
         }
 
@@ -332,7 +333,9 @@ class Replica:
 
     async def _update_gauges(self) -> None:
         slots = self._driver.engine.max_concurrent_decodes
-        preemptions_seen = 0
+        counted = collections.Counter()  # what the Prometheus counters have been given so far
+        counters = {"preemptions": self._metrics.preemptions, "prefix_cache_queries": self._metrics.prefix_cache_queries,
+                    "prefix_cache_hits": self._metrics.prefix_cache_hits}
         while True:
             active = self._driver.active_slots
             self._metrics.slots_active.set(active)
@@ -342,9 +345,10 @@ class Replica:
             self._metrics.kv_pages_used.set(kv["kv_pages_used"])
             self._metrics.kv_pages_free.set(kv["kv_pages_free"])
             self._metrics.kv_cache_usage.set(kv["kv_cache_usage_perc"])
-            preemptions = self._driver.stats.get("preemptions", 0)
-            if preemptions > preemptions_seen:  # the counter moves by what this period added
-                self._metrics.preemptions.inc(preemptions - preemptions_seen)
-                preemptions_seen = preemptions
+            for name, counter in counters.items():  # each counter moves by what this period added
+                now = self._driver.stats.get(name, 0)
+                if now > counted[name]:
+                    counter.inc(now - counted[name])
+                    counted[name] = now
             self._metrics.compilations.set(self._driver.engine.compilations_since_warmup or 0)
             await asyncio.sleep(GAUGE_PERIOD_S)

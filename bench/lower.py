@@ -105,7 +105,8 @@ def engine_config(args: dict, cfg):
     from app.args import AppArgs
     from model.engine.paged import EngineConfig
 
-    config = EngineConfig(**AppArgs.model_construct(**args).engine_options())
+    app_args = AppArgs.model_construct(**args)
+    config = EngineConfig(**app_args.engine_options(cache_len=app_args.max_cache_len or cfg.n_positions))
     if config.num_pages is None:
         config = dataclasses.replace(config, num_pages=config.slots * config.pages_per_seq(cfg))
     return config

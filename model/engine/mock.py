@@ -82,7 +82,9 @@ class MockEngine(api.Engine):
         longer = (max_total_length,) if preemptible and prompt_buckets[-1] < max_total_length else ()
         self._prefill_buckets = tuple(prompt_buckets) + longer  # as the paged engine's
         if prefill_chunk_tokens is not None:
-            self._prefill_buckets = tuple(b for b in prompt_buckets if b < prefill_chunk_tokens) + (prefill_chunk_tokens,)
+            needed = prompt_buckets[-1] >= prefill_chunk_tokens or preemptible
+            self._prefill_buckets = (tuple(b for b in prompt_buckets if b < prefill_chunk_tokens)
+                                     + ((prefill_chunk_tokens,) if needed else ()))
         self._slots = slots
         self._max_prefill_batch = max_prefill_batch
         self._eos = eos_token_id

@@ -98,17 +98,33 @@ class EngineConfig:
 
     def prefill_buckets(self, cfg: GPTJConfig, num_pages: int) -> tuple[int, ...]:
         """What whole-prompt prefill takes. With chunked prefill: the prompt buckets below the chunk,
-        and the chunk (a longer prompt is prefilled chunk by chunk). Without: the prompt buckets,
+        and the chunk when a prompt or a recompute can reach it (a longer one is prefilled chunk by
+        chunk). Without: the prompt buckets,
         plus max_cache_len when they stop short of it and a pool of `num_pages` can run out (fewer
         than every slot's longest sequence): a preempted request is recomputed from its prompt and
         what it generated, up to the whole context."""
         chunk = self.prefill_chunk_tokens
-        if chunk is not None:
-            return tuple(b for b in self.prompt_buckets if b < chunk) + (chunk,)
-        cache_len = self.cache_len(cfg)
         preemptible = num_pages < self.slots * self.pages_per_seq(cfg)
+        if chunk is not None:  # the chunk itself only when a prompt or a recompute can be longer
+            needed = self.prompt_buckets[-1] >= chunk or preemptible
+            return tuple(b for b in self.prompt_buckets if b < chunk) + ((chunk,) if needed else ())
+        cache_len = self.cache_len(cfg)
         extra = (cache_len,) if preemptible and self.prompt_buckets[-1] < cache_len else ()
         return tuple(self.prompt_buckets) + extra
+
+    def continuing_shapes(self, cfg: GPTJConfig, num_pages: int) -> list[tuple[int, int, int, int]]:
+        """Every (prefill bucket t, prefix page bucket n) a prefill continuing a prefix can meet, as
+        (t, n, the shortest prompt of bucket t, a prefix length of bucket n that leaves room for it);
+        none without chunked prefill."""
+        if self.prefill_chunk_tokens is None:
+            return []
+        page, buckets, shapes = self.page_size, self.prefill_buckets(cfg, num_pages), []
+        page_buckets, cache_len = self.decode_page_buckets(cfg), self.cache_len(cfg)
+        for i, t in enumerate(buckets):
+            shortest = buckets[i - 1] + 1 if i else 1
+            by_bucket = {smallest_fitting(p, page_buckets): p for p in range(1, (cache_len - shortest) // page + 1)}
+            shapes += [(t, n, shortest, p * page) for n, p in sorted(by_bucket.items())]
+        return shapes
 
     def validate(self, cfg: GPTJConfig) -> None:
         cache_len = self.cache_len(cfg)
@@ -295,8 +311,7 @@ class PagedEngine(api.Engine):
                                                     config.page_size, self.dtype, config.kv_int8)
         self._prefill, self._insert, self._generate = _jitted(model_config, config, self.mesh, self._state_specs,
                                                               self.attention_impl)
-        self._prefill_context = jax.jit(functools.partial(_prefill_context_impl, cfg=model_config, mesh=self.mesh,
-                                                          kv_int8=config.kv_int8))
+        self._prefill_context = _jitted_continuing(model_config, config, self.mesh)
         self.decode_steps_by_bucket: collections.Counter[int] = collections.Counter()  # after warm-up
 
     def _pool_pages(self) -> int:
@@ -441,7 +456,7 @@ class PagedEngine(api.Engine):
             params = SamplingParams.host([0.0] * b, [0] * b, [1.0] * b, [0] * b)
             prefix = self.prefill([[0] * t] * b, params)  # length t selects bucket t
             state = self.insert(prefix, state, list(range(b)), scratch)
-        continuing = self._continuing_shapes() if self.config.prefill_chunk_tokens else []
+        continuing = self.config.continuing_shapes(self.model_config, self._layout.num_pages)
         for i, (t, n, shortest, prefix_tokens) in enumerate(continuing):
             if progress:
                 _progress(f"continuing prefill {i + 1}/{len(continuing)} (prompt {t} after up to {n} pages)", start)
@@ -462,16 +477,6 @@ class PagedEngine(api.Engine):
                   f"attention: {self.attention_impl})", file=sys.stderr, flush=True)
         return seconds
 
-
-    def _continuing_shapes(self) -> list[tuple[int, int, int, int]]:
-        """Every (prefill bucket t, prefix page bucket n) a prefill continuing a prefix can meet, as
-        (t, n, the shortest prompt of bucket t, a prefix length of bucket n that leaves room for it)."""
-        page, shapes = self.config.page_size, []
-        for i, t in enumerate(self._prefill_buckets):
-            shortest = self._prefill_buckets[i - 1] + 1 if i else 1
-            by_bucket = {smallest_fitting(p, self.page_buckets): p for p in range(1, (self.cache_len - shortest) // page + 1)}
-            shapes += [(t, n, shortest, p * page) for n, p in sorted(by_bucket.items())]
-        return shapes
 
 
 def _progress(what: str, start: float) -> None:
@@ -498,11 +503,17 @@ def _jitted(cfg: GPTJConfig, config: EngineConfig, mesh, specs: DecodeState, att
     return prefill, insert, generate
 
 
+def _jitted_continuing(cfg: GPTJConfig, config: EngineConfig, mesh):
+    """The prefill that continues a prefix in the pool (reads the pool, donates nothing)."""
+    return jax.jit(functools.partial(_prefill_context_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8))
+
+
 def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dtype, quantize: bool,
                      attention_impl: str) -> list[tuple[str, object, tuple]]:
     """Every function serving compiles, with abstract arguments (shapes, dtypes, shardings on `mesh`;
     nothing allocated): [(name, jitted function, args)] for `jax.export` (bench.lower). Needs
-    `config.num_pages` (no device to measure). Names: prefill_t{T}_b{B}, insert_t{T}_b{B}, decode_p{n}."""
+    `config.num_pages` (no device to measure). Names: prefill_t{T}_b{B}, insert_t{T}_b{B},
+    prefill_continue_t{T}_p{n} (with chunked prefill), decode_p{n}."""
     if config.num_pages is None:
         raise ValueError("lowering needs an explicit num_pages: there is no device memory to size the pool from")
     config.validate(model_config)
@@ -523,6 +534,12 @@ def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dt
             targets.append((f"prefill_t{t}_b{b}", prefill, args))
             page_ids = int32((b, cdiv(t, config.page_size)), (BATCH, PAGES))
             targets.append((f"insert_t{t}_b{b}", insert, (rows, state, int32((b,), (BATCH,)), page_ids)))
+    continuing = _jitted_continuing(cfg, config, mesh)
+    for t, n, _, _ in config.continuing_shapes(cfg, config.num_pages):
+        row = abstract(Prefix.param_specs(cfg, 1, t, dtype, config.kv_int8))
+        args = (weights, state.pages, int32((1, n), (BATCH, PAGES)), int32((1,), (BATCH,)), int32((1, t), (BATCH, SEQ)),
+                int32((1,), (BATCH,)), row.steps, row.params)
+        targets.append((f"prefill_continue_t{t}_p{n}", continuing, args))
     for n in config.decode_page_buckets(cfg):
         block_tables = int32((config.slots, n), (BATCH, PAGES))
         targets.append((f"decode_p{n}", generate, (weights, state, block_tables, int32((config.slots,), (BATCH,)))))

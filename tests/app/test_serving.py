@@ -67,6 +67,30 @@ def test_kv_pages_follow_the_tokens_held(serve_app):
     assert (after["kv_pages_used"], after["kv_pages_free"], after["kv_cache_usage_perc"]) == (0, total, 0)
 
 
+def test_a_shared_prompt_prefix_is_served_from_cached_pages(serve_app):
+    """The server caches prompt prefixes by default: a second request that shares a 40-token prefix
+    with the first is prefilled from its cached pages (two full 16-token pages), and its completion
+    is what a request with nothing cached gets (a prompt that was never cached, the shared app's
+    own greedy output of the same text)."""
+    prefix = " ".join(["alpha beta gamma delta"] * 10)
+    bodies = [{"model": MODEL_NAME, "prompt": f"{prefix} {end}", "max_tokens": 8, "temperature": 0}
+              for end in ("one", "two")]
+    before = wait_until_idle(serve_app.url)
+    first = httpx.post(f"{serve_app.url}/v1/completions", json=bodies[0], timeout=60)
+    second = httpx.post(f"{serve_app.url}/v1/completions", json=bodies[1], timeout=60)
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    after = wait_until_idle(serve_app.url)
+    queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
+    hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    tokens = [first.json()["usage"]["prompt_tokens"], second.json()["usage"]["prompt_tokens"]]
+    assert queries == sum(tokens) and hits >= 32 and hits % 16 == 0, (queries, hits, tokens)
+    assert after["kv_pages_cached"] >= 2 and after["kv_pages_used"] == 0
+    # Served again once its pages may be cached, the second prompt must give the same completion.
+    again = httpx.post(f"{serve_app.url}/v1/completions", json=bodies[1], timeout=60)
+    assert again.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+    assert after["compilations_since_warmup"] == 0
+
+
 def test_overload_answers_503_with_retry_after(serve_app):
     """Past max_pending_requests the batcher refuses at once (503, Retry-After; `Overloaded` through
     a Python handle); the rest are served."""
@@ -170,7 +194,8 @@ def test_prometheus_metrics_are_exported(serve_app):
     wanted = {"ray_gptj_time_to_first_token_seconds_count", "ray_gptj_time_per_output_token_seconds_count",
               "ray_gptj_queue_seconds_count", "ray_gptj_prefill_batch_size_count", "ray_gptj_batcher_batch_size_count",
               "ray_gptj_output_tokens_total", "ray_gptj_slot_occupancy", "ray_gptj_compilations_since_warmup",
-              "ray_gptj_kv_pages_used", "ray_gptj_kv_pages_free", "ray_gptj_kv_cache_usage_perc"}
+              "ray_gptj_kv_pages_used", "ray_gptj_kv_pages_free", "ray_gptj_kv_cache_usage_perc",
+              "ray_gptj_prefix_cache_queries_total"}
     httpx.post(f"{serve_app.url}/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4},
                timeout=60).raise_for_status()
     port = ray.nodes()[0]["MetricsExportPort"]
