@@ -75,7 +75,22 @@ class AppArgs(BaseModel):
 
     # -- the HTTP API ----------------------------------------------------------------------------
     default_max_tokens: int = Field(16, ge=1)
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
+    max_request_bytes: int | None = Field(
+        None, ge=1024, description="larger bodies get 413; None: what the largest valid request can use "
+        "(app.completions.default_request_bytes: max_prompts prompts of the longest bucket, 4 stop strings)"
+    )
+    max_prompts: int = Field(8, ge=1, description="prompts in one request (a list of prompts); more get 400")
+    request_body_timeout_s: float = Field(
+        10.0, gt=0, description="a body that has not fully arrived this long after the ingress began to read it "
+        "gets 408 and the connection is closed (app.guard)"
+    )
+    max_ingress_requests: int | None = Field(
+        None, ge=1, description="model requests one ingress replica holds at once (reading the body, tokenising, "
+        "waiting); at the bound the longest-running upload, if stalled (app.guard.STALLED_AFTER_S), is given "
+        "up on (408), else the newcomer gets 503. None: max_pending_requests + 64"
+    )
+    max_header_count: int = Field(64, ge=8, description="requests with more headers get 431")
+    max_header_bytes: int = Field(16384, ge=1024, description="requests with more bytes of headers get 431")
     max_tokens_limit: int | None = Field(
         None, ge=1, description="largest max_tokens a request may ask for (400 above it); None: what fits the context"
     )
@@ -112,6 +127,11 @@ class AppArgs(BaseModel):
             raise ValueError("enable_prefix_caching needs prefill_chunk_tokens (the rest of a prompt after its "
                              "cached prefix is prefilled as a chunk)")
         return self
+
+    @property
+    def ingress_request_limit(self) -> int:
+        """`max_ingress_requests`, or its default: room for every request the batcher admits and 64 uploads."""
+        return self.max_ingress_requests or self.max_pending_requests + 64
 
     def engine_options(self, prompt_buckets: tuple[int, ...] | None = None, cache_len: int | None = None) -> dict:
         """The paged engine's config fields (model.engine.paged.EngineConfig) these args give: the one

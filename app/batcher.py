@@ -89,8 +89,9 @@ class Batcher:
         self._metrics = BatcherMetrics()
 
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
-        """Stream one request's chunks; a single `overloaded` error chunk when `max_pending_requests`
-        are held already."""
+        """Stream one request's chunks, starting with an `admitted` one at once (so the ingress can
+        answer a stream before a decode slot is free); a single `overloaded` error chunk instead when
+        `max_pending_requests` are held already."""
         if self._held >= self._args.max_pending_requests:
             self._counts["rejected"] += 1
             self._metrics.rejected.inc()
@@ -103,6 +104,7 @@ class Batcher:
         self._metrics.pending.set(self._held)
         try:
             self._enqueue(pending)
+            yield Chunk(request.request_id, admitted=True)
             while not pending.done:
                 chunk = await pending.chunks.get()
                 pending.done = chunk.finished

@@ -12,10 +12,16 @@ config's `ray_actor_options` replaces these dicts whole):
   what the batcher already admitted.
 - Batcher and Ingress: num_cpus 0 (asyncio I/O; on a 2-core machine the default CPU each would
   leave nothing for the replica) and JAX_PLATFORMS=cpu (neither imports JAX, and on a TPU host
-  nothing but the replica may open the chips). The ingress also gets a finite queue in Serve's router,
-  twice the batcher's limit, as a last guard: past it Serve answers 503 with Retry-After itself
-  (plain text), before the request reaches the ingress. Serve counts requests still being assigned
-  to a replica as queued, so a burst can trip this guard a little before the batcher's limit would.
+  nothing but the replica may open the chips). The ingress bounds its model requests itself
+  (`max_ingress_requests`, app.guard) and streams it has answered are bounded by the batcher's
+  `max_pending_requests`, so its `max_ongoing_requests` is the sum of the two plus CONTROL_CALLS: Serve
+  never makes /healthz, /readyz or /v1/stats wait behind model requests or their bodies. It also gets
+  a finite queue in Serve's router, INGRESS_QUEUE_FACTOR times as deep as the ingress holds, as a last
+  guard: past it Serve answers 503 with Retry-After itself (plain text), before the request reaches
+  the ingress, and that refusal would hit /readyz (the load balancer's health check) as well. Requests
+  wait there when arrivals outrun what the ingress's event loop can even refuse (a saturated CPU),
+  and a burst fills it for a moment (Serve counts requests still being assigned as queued): deep
+  enough that a 5x overload on 2 cores never reaches the bound (tests/reliability/test_overload.py).
 
 No `from __future__ import annotations` here: Serve reads `build_app`'s annotation to validate `args`.
 """
@@ -28,7 +34,13 @@ from app.ingress import Ingress
 from app.replica import DriverFactory, Replica, load_driver
 
 CONTROL_CALLS = 16  # headroom over the request limit for readiness, stats and cancel calls
+INGRESS_QUEUE_FACTOR = 4  # Serve's queue in front of the ingress, in multiples of its max_ongoing_requests
 CPU_ONLY = {"num_cpus": 0, "runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}}
+# glibc's malloc for the ingress: buffers of 64 KiB and more (request bodies) are mapped and unmapped
+# on their own instead of raising the heap's high-water mark for good, and two arenas, not one per
+# thread (the tokenising threads): the process gives back what a burst of large bodies took.
+INGRESS_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
+INGRESS_OPTIONS = {"num_cpus": 0, "runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu", **INGRESS_MALLOC_ENV}}}
 
 
 def replica_actor_options(args: AppArgs) -> dict:
@@ -51,9 +63,10 @@ def bind_app(args: AppArgs, replica: Deployment = Replica, driver_factory: Drive
         args, driver_factory
     )
     batcher = Batcher.options(ray_actor_options=CPU_ONLY, max_ongoing_requests=limit).bind(replica, args)
+    ingress_limit = args.ingress_request_limit + args.max_pending_requests + CONTROL_CALLS
     return Ingress.options(
-        ray_actor_options=CPU_ONLY,
-        max_ongoing_requests=limit,
-        max_queued_requests=2 * args.max_pending_requests,
+        ray_actor_options=INGRESS_OPTIONS,
+        max_ongoing_requests=ingress_limit,
+        max_queued_requests=INGRESS_QUEUE_FACTOR * ingress_limit,
         backpressure_config={"status_code": 503, "retry_after_s": args.retry_after_s},
     ).bind(batcher, args)

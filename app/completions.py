@@ -8,8 +8,14 @@ anything is sent to the batcher. `CompletionAssembler` folds the chunks of all c
 events and into the final response (text, logprobs, finish reasons, usage).
 
 Where a check lives: field types and ranges in app.schemas; engine limits (token ids, prompt length,
-context) in `Limits`, the one validator the driver also runs; server policy (n, choices per request,
-max_tokens_limit) here, in `ServerPolicy`.
+context) in `Limits`, the one validator the driver also runs; server policy (n, prompts and choices
+per request, max_tokens_limit, the body limit) here, in `ServerPolicy`.
+
+Cheap refusals first. Everything that can be checked without tokenising is checked before: n, the
+number of prompts and of choices, and the size of every text prompt. A byte-level BPE token stands for
+at most `longest_token_bytes(tokenizer)` bytes (128 for GPT-2), so a text of more UTF-8 bytes than the
+longest prompt served times that can never be a valid prompt; it is refused unread, and the tokenizer
+never sees more text than the largest valid prompt can have.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import uuid
 from app.args import AppArgs
 from app.protocol import Chunk, InvalidRequest
 from app.schemas import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
     CompletionChoice,
     CompletionChunk,
     CompletionRequest,
@@ -34,6 +42,24 @@ from model.serving.request import Limits, Request, RequestRejected
 from model.text.tokenizer import Tokenizer
 
 SAXML_STEPS = "extra_inputs.per_example_max_decode_steps"  # Saxml's max_tokens, as its API spells it
+# The default body limit (default_request_bytes): JSON bytes a prompt token may take (a token id takes
+# at most 7, "50256, "; English text about 4-5; CJK text escaped as \uXXXX up to 12), the other fields
+# with room to spare, and the worst JSON escaping of a character (\u0000) for the stop strings.
+PROMPT_JSON_BYTES_PER_TOKEN = 16
+OTHER_FIELDS_JSON_BYTES = 4096
+JSON_ESCAPE_BYTES = 6
+
+
+def default_request_bytes(args: AppArgs) -> int:
+    """The body limit when `args.max_request_bytes` is unset: what the largest valid request can use
+    (`max_prompts` prompts of the longest bucket, the stop strings, the other fields)."""
+    prompts = args.max_prompts * max(args.prompt_buckets) * PROMPT_JSON_BYTES_PER_TOKEN
+    return OTHER_FIELDS_JSON_BYTES + MAX_STOPS * MAX_STOP_CHARS * JSON_ESCAPE_BYTES + prompts
+
+
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
+    """The most bytes of text one token stands for (128 for GPT-2's vocabulary)."""
+    return max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +70,27 @@ class ServerPolicy:
     max_n: int  # the largest `n`
     max_choices: int  # prompts x n per request: more could never be admitted at once (max_pending_requests)
     max_tokens_limit: int | None = None  # if set, bounds max_tokens below what the context allows
+    max_prompts: int = 8  # prompts per request
+    max_request_bytes: int = 1 << 20  # bodies beyond get 413
+    token_bytes: int = 128  # the most bytes of text one token stands for (longest_token_bytes)
 
     @classmethod
-    def from_args(cls, args: AppArgs) -> ServerPolicy:
+    def from_args(cls, args: AppArgs, tokenizer: Tokenizer) -> ServerPolicy:
         return cls(default_max_tokens=args.default_max_tokens, max_n=args.max_n,
-                   max_choices=args.max_pending_requests, max_tokens_limit=args.max_tokens_limit)
+                   max_choices=args.max_pending_requests, max_tokens_limit=args.max_tokens_limit,
+                   max_prompts=args.max_prompts,
+                   max_request_bytes=args.max_request_bytes or default_request_bytes(args),
+                   token_bytes=longest_token_bytes(tokenizer))
+
+    def check_text_size(self, text: str, limits: Limits, param: str) -> None:
+        """Refuse, before tokenising, a text too long to be a prompt the engine serves."""
+        most = limits.max_prompt_length * self.token_bytes
+        size = len(text.encode("utf-8"))
+        if size > most:
+            raise InvalidRequest(
+                f"{param} is {size} bytes of text; the longest prompt served is {limits.max_prompt_length} tokens, "
+                f"which is at most {most} bytes", param.split(".")[0],
+            )
 
 
 def check_prompt(
@@ -69,9 +111,9 @@ def check_max_tokens(max_tokens: int, limit: int | None, param: str = "max_token
         )
 
 
-def tokenize_prompts(request: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """Every prompt of `request` as token ids (text is encoded, token ids are taken as they are)."""
-    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt_list(request.prompt)]
+def tokenize_prompts(prompts: list[str] | list[list[int]], tokenizer: Tokenizer) -> list[list[int]]:
+    """Every prompt as token ids (text is encoded, token ids are taken as they are)."""
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     if any(not p for p in prompts):  # text that encodes to no tokens
         raise InvalidRequest("prompt encodes to no tokens", "prompt")
     return prompts
@@ -91,13 +133,19 @@ def plan_completion(
         raise InvalidRequest(f"n must be in [1, {policy.max_n}], got {request.n}", "n")
     max_tokens = request.max_tokens or policy.default_max_tokens
     check_max_tokens(max_tokens, policy.max_tokens_limit)
-    prompts = tokenize_prompts(request, tokenizer)
-    choices = len(prompts) * request.n
+    given = prompt_list(request.prompt)
+    if len(given) > policy.max_prompts:
+        raise InvalidRequest(f"{len(given)} prompts; at most {policy.max_prompts} per request", "prompt")
+    choices = len(given) * request.n
     if choices > policy.max_choices:
         raise InvalidRequest(
-            f"{len(prompts)} prompts x n={request.n} = {choices} completions; at most "
+            f"{len(given)} prompts x n={request.n} = {choices} completions; at most "
             f"{policy.max_choices} per request", "n" if request.n > 1 else "prompt",
         )
+    for p in given:  # token-id prompts need no tokenising; check_prompt below bounds them
+        if isinstance(p, str):
+            policy.check_text_size(p, limits, "prompt")
+    prompts = tokenize_prompts(given, tokenizer)
     for ids in prompts:
         check_prompt(ids, max_tokens, limits)
     requests = [
@@ -123,6 +171,7 @@ def plan_saxml(request: SaxmlGenerateRequest, tokenizer: Tokenizer, limits: Limi
     extra = request.extra_inputs
     max_tokens = extra.per_example_max_decode_steps or policy.default_max_tokens
     check_max_tokens(max_tokens, policy.max_tokens_limit, SAXML_STEPS)
+    policy.check_text_size(request.query, limits, "query")
     ids = tokenizer.encode(request.query)
     if not ids:
         raise InvalidRequest("query encodes to no tokens", "query")

@@ -7,7 +7,13 @@ Every failure a client sees is a `ServeError` (app.protocol) with its HTTP statu
 - `chunk_error`: a per-request error chunk from the batcher (overload, a replica that died, a request
   the engine rejected) as the same;
 - `error_body` / `error_response`: OpenAI's error body (`{"error": {"message", "type", "param",
-  "code"}}`), with Retry-After on a 503 and WWW-Authenticate on a 401.
+  "code"}}`), with Retry-After on a 503, WWW-Authenticate on a 401, and `Connection: close` where the
+  request's body may be left unread (408, 413, 431, and an error marked `close_connection`: the server
+  does not wait for the rest of a body nobody will read).
+
+Echo bounds. A message quotes a client's input only as an `excerpt` (at most EXCERPT_CHARS characters
+and its length), and no message is longer than MAX_MESSAGE_CHARS: a 60 KB unknown field name or model
+name comes back as a short excerpt, never whole.
 
 Bodies. `read_body` refuses a body over the limit with 413 before reading it when Content-Length
 says so, and otherwise as soon as the bytes read pass it. `parse` validates a JSON body strictly
@@ -29,6 +35,22 @@ from app.schemas import ErrorDetail, ErrorResponse
 # The field a rejection chunk names when the replica did not say (every engine rejection of a
 # request that passed the ingress's checks is about its prompt).
 DEFAULT_REJECTED_PARAM = "prompt"
+EXCERPT_CHARS = 40  # the most of a client's own input a message quotes
+MAX_MESSAGE_CHARS = 1000  # the longest message a client gets (RELIABILITY.md promises under 2,000)
+MAX_PARAM_CHARS = 64  # the longest `param` (a field name, which a client may have made up)
+CLOSE_AFTER = (408, 413, 431)  # statuses after which the connection is closed: the body may be unread
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` quoted for a message: whole if short, else its first `limit` characters and its length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters (an ellipsis marks the cut)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def as_serve_error(e: BaseException) -> ServeError:
@@ -61,7 +83,9 @@ def error_body(e: ServeError) -> dict:
     kind = "invalid_request_error" if e.status_code < 500 else "server_error"
     if e.status_code == 401:
         kind = "authentication_error"
-    detail = ErrorDetail(message=e.message, type=kind, param=getattr(e, "param", None), code=e.status_code)
+    param = getattr(e, "param", None)
+    detail = ErrorDetail(message=bounded(e.message, MAX_MESSAGE_CHARS), type=kind,
+                         param=None if param is None else bounded(param, MAX_PARAM_CHARS), code=e.status_code)
     return ErrorResponse(error=detail).model_dump(mode="json")
 
 
@@ -72,6 +96,8 @@ def error_response(e: ServeError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(e.retry_after_s)))
     if isinstance(e, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    if e.status_code in CLOSE_AFTER or getattr(e, "close_connection", False):
+        headers["Connection"] = "close"
     return JSONResponse(error_body(e), status_code=e.status_code, headers=headers)
 
 
@@ -102,6 +128,12 @@ def parse(model: type[BaseModel], body: bytes | dict | BaseModel):
         errors = e.errors(include_url=False)
         if errors[0]["type"] == "json_invalid":
             raise InvalidRequest(f"the body is not valid JSON: {errors[0]['msg']}", None, 400) from None
-        fields = [".".join(str(p) for p in err["loc"]) or "body" for err in errors]
+        # A field name in `loc` may be the client's own (an unknown key): quoted as an excerpt only.
+        fields = [".".join(_field_name(p) for p in err["loc"]) or "body" for err in errors]
         message = "; ".join(f"{f}: {err['msg']}" for f, err in zip(fields, errors[:4]))
         raise InvalidRequest(message, fields[0].split(".")[0], 422) from None
+
+
+def _field_name(part: str | int) -> str:
+    part = str(part)
+    return part if len(part) <= EXCERPT_CHARS else excerpt(part)

@@ -23,16 +23,23 @@ Handle API (`serve.get_app_handle("gptj")`, from any Ray app or driver): `genera
 request may be sent again (`Overloaded` when the server is at capacity; otherwise a deployment on the
 path failed).
 
-A request's life here: check the API key (401), read and parse the body (413 over
+A request's life here: screen its headers (431 for too many or too large, 400 for a bad
+X-Request-Id: app.guard), check the API key (401) and the Content-Type (415 unless application/json),
+take a place under the ingress's own bound (app.guard: at the bound the longest-running upload is given
+up on, else 503), read the body within `request_body_timeout_s` (408) and parse it (413 over
 `max_request_bytes`, 422 naming the field for a bad body, strict JSON: app.errors), check the model
-name, tokenise and check every prompt against the engine's limits and the server's policy (400 naming
-the field: app.completions, on a worker thread), then one streaming call to the batcher per choice,
-merged into one stream (app.streaming). The response starts only when every choice has its first
-chunk, so a refusal (503 with Retry-After) or a rejection is still an HTTP status, never a broken
-stream. If the client disconnects, Serve cancels this request and, with it, the batcher calls it
-made; the replica frees their slots at its next step. Tokenising and detokenising: prompts are encoded
-here; the replica's driver detokenises incrementally and sends text with the token ids. Both use the
-checkpoint's tokenizer as `model.ckpt.tokenizer_for` answers it, the one rule for every layer.
+name, check prompt counts and text sizes, then tokenise and check every prompt against the engine's
+limits and the server's policy (400 naming the field: app.completions, on a worker thread), then one
+streaming call to the batcher per choice, merged into one stream (app.streaming). The response starts
+when the batcher has admitted every choice, so a refusal (503 with Retry-After) or a rejection is
+still an HTTP status, never a broken stream, and a stream's status and headers go out at once, not
+when a decode slot frees up. /healthz, /readyz and /v1/stats take no place under the bound: they never
+wait behind model requests or their bodies. If the client disconnects, Serve cancels this request
+and, with it, the batcher calls it made; the replica frees their slots at its next step.
+
+Tokenising and detokenising: prompts are encoded here; the replica's driver detokenises incrementally
+and sends text with the token ids. Both use the checkpoint's tokenizer as `model.ckpt.tokenizer_for`
+answers it, the one rule for every layer.
 
 No `from __future__ import annotations` here: FastAPI must see the route parameters' real types.
 """
@@ -52,7 +59,8 @@ from ray.serve.handle import DeploymentHandle
 
 from app.args import AppArgs
 from app.completions import CompletionAssembler, ServerPolicy, plan_completion, plan_saxml
-from app.errors import error_response, on_serve_error, parse, read_body
+from app.errors import error_response, excerpt, on_serve_error, parse
+from app.guard import Guard, check_request_id, require_json, screen_headers
 from app.metrics import IngressMetrics
 from app.openapi import ERRORS, SSE_EVENT, error_doc, openapi_document
 from app.protocol import Chunk, InvalidRequest, NotReady, ServeError, Unauthorized
@@ -65,16 +73,17 @@ from app.schemas import (
     SaxmlGenerateRequest,
     SaxmlGenerateResponse,
 )
-from app.streaming import Timing, merge_streams, prepend, sse_events
+from app.streaming import Timing, merge_streams, sse_events
 from model.ckpt import tokenizer_for
 from model.serving.request import Limits, Request
 
 READY_TIMEOUT_S = 5.0
 
 # The OpenAPI document depends on the deployment's args (the model's name, whether a key is required),
-# so the ingress serves it from its own routes rather than FastAPI's.
+# so the ingress serves it from its own routes rather than FastAPI's. No trailing-slash redirects:
+# Starlette builds their Location from the client's Host header (an open redirect); /v1/models/ is a 404.
 api = FastAPI(title="GPT-J on Ray Serve", description="OpenAI completions and Saxml /generate for GPT-J.",
-              openapi_url=None, docs_url=None, redoc_url=None)
+              openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
 api.add_exception_handler(ServeError, on_serve_error)
 
 
@@ -101,8 +110,9 @@ class Ingress:
         self._batcher = batcher
         self._batcher_generate = batcher.options(method_name="generate", stream=True)
         self._args = args
-        self._policy = ServerPolicy.from_args(args)
         self._tokenizer = tokenizer_for(args.checkpoint)  # the replica's driver detokenises with the same
+        self._policy = ServerPolicy.from_args(args, self._tokenizer)
+        self._guard = Guard(args.ingress_request_limit, args.request_body_timeout_s, args.retry_after_s)
         self._limits: Limits | None = None  # the engine's, from the first warm replica that answers
         self._started = int(time.time())
         self._metrics = IngressMetrics()
@@ -130,8 +140,9 @@ class Ingress:
             yield assembler.usage_event()
 
     async def stats(self) -> dict:
-        """The batcher's counters and every replica's engine counters (for tests and operators)."""
-        return await self._batcher.stats.remote()
+        """The batcher's counters, every replica's engine counters, and this ingress replica's own (its
+        bound, bodies being read, uploads given up on: app.guard), for tests and operators."""
+        return {**await self._batcher.stats.remote(), "ingress": self._guard.stats()}
 
     # -- HTTP -------------------------------------------------------------------------------------
 
@@ -142,42 +153,48 @@ class Ingress:
     }})
     async def completions(self, http: HTTPRequest):
         arrived = time.perf_counter()
-        self._authorize(http)
-        request = parse(CompletionRequest, await read_body(http, self._args.max_request_bytes))
-        assembler, chunks = await self._start_completion(request, arrived, "completions")
-        if not request.stream:
-            async for chunk in chunks:
-                assembler.add(chunk)
-            return JSONResponse(assembler.response().model_dump(mode="json"))
+        self._screen(http, has_body=True)
+        with self._guard.hold():
+            request = parse(CompletionRequest, await self._guard.read_body(http, self._policy.max_request_bytes))
+            assembler, chunks = await self._start_completion(request, arrived, "completions")
+            if not request.stream:
+                async for chunk in chunks:
+                    assembler.add(chunk)
+                return JSONResponse(assembler.response().model_dump(mode="json"))
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return StreamingResponse(sse_events(assembler, chunks, include_usage), media_type="text/event-stream")
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self, http: HTTPRequest) -> ModelList:
-        self._authorize(http)
+        self._screen(http)
         return ModelList(data=[ModelCard(id=self._args.model_name, created=self._started)])
 
     @api.post("/generate", response_model=SaxmlGenerateResponse, responses=ERRORS)
     async def saxml_generate(self, http: HTTPRequest):
         arrived = time.perf_counter()
-        self._authorize(http)
-        request = parse(SaxmlGenerateRequest, await read_body(http, self._args.max_request_bytes))
-        self._check_model(request.model)
-        engine_request = await asyncio.to_thread(plan_saxml, request, self._tokenizer, await self._engine_limits(),
-                                                 self._policy)
-        self._metrics.prompt_tokens.inc(len(engine_request.prompt_ids), tags={"api": "saxml"})
-        text, score = "", 0.0
-        async for chunk in self._merged([engine_request], Timing(arrived, self._metrics, "saxml")):
-            text += chunk.text
-            score += sum(chunk.logprobs)
+        self._screen(http, has_body=True)
+        with self._guard.hold():
+            request = parse(SaxmlGenerateRequest, await self._guard.read_body(http, self._policy.max_request_bytes))
+            self._check_model(request.model)
+            engine_request = await asyncio.to_thread(plan_saxml, request, self._tokenizer,
+                                                     await self._engine_limits(), self._policy)
+            self._metrics.prompt_tokens.inc(len(engine_request.prompt_ids), tags={"api": "saxml"})
+            chunks = self._merged([engine_request], Timing(arrived, self._metrics, "saxml"))
+            await chunks.__anext__()  # app.streaming.ADMITTED
+            text, score = "", 0.0
+            async for chunk in chunks:
+                text += chunk.text
+                score += sum(chunk.logprobs)
         return JSONResponse(SaxmlGenerateResponse(generate_response=[(text, score)]).model_dump(mode="json"))
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self, http: HTTPRequest) -> dict:
+        screen_headers(http.headers.raw, self._args.max_header_count, self._args.max_header_bytes)
         return {"status": "alive"}
 
     @api.get("/readyz", responses={503: error_doc("No model replica has loaded and warmed up yet.")})
-    async def readyz(self):
+    async def readyz(self, http: HTTPRequest):
+        screen_headers(http.headers.raw, self._args.max_header_count, self._args.max_header_bytes)
         try:
             info = await asyncio.wait_for(self._batcher.info.remote(), READY_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001  (any failure means: not ready)
@@ -187,7 +204,7 @@ class Ingress:
 
     @api.get("/v1/stats")
     async def http_stats(self, http: HTTPRequest) -> dict:
-        self._authorize(http)
+        self._screen(http)
         return await self.stats()
 
     @api.get("/openapi.json", include_in_schema=False)
@@ -199,6 +216,15 @@ class Ingress:
         return get_swagger_ui_html(openapi_url=f"{http.scope.get('root_path', '')}/openapi.json", title=api.title)
 
     # -- the shared path ---------------------------------------------------------------------------
+
+    def _screen(self, http: HTTPRequest, has_body: bool = False) -> None:
+        """What the headers alone decide, before any body is read: their count and size (431), the
+        request id (400), the API key (401), and for a route with a body its Content-Type (415)."""
+        screen_headers(http.headers.raw, self._args.max_header_count, self._args.max_header_bytes)
+        check_request_id(http.headers.get("x-request-id"))
+        self._authorize(http)
+        if has_body:
+            require_json(http.headers.get("content-type"))
 
     def _authorize(self, http: HTTPRequest) -> None:
         """401 unless the request carries the API key (when one is required); before the body is read."""
@@ -212,7 +238,8 @@ class Ingress:
 
     def _check_model(self, model: str) -> None:
         if model != self._args.model_name:
-            raise InvalidRequest(f"unknown model {model!r}; this server serves {self._args.model_name!r}", "model")
+            raise InvalidRequest(f"unknown model {excerpt(model)}; this server serves {self._args.model_name!r}",
+                                 "model")
 
     async def _engine_limits(self) -> Limits:
         if self._limits is None:
@@ -232,9 +259,9 @@ class Ingress:
                                        self._policy)
         self._metrics.prompt_tokens.inc(sum(len(p) for p in plan.prompts), tags={"api": api_name})
         chunks = self._merged(plan.requests, Timing(arrived, self._metrics, api_name))
-        # Wait for every choice's first chunk before answering, so refusals are still statuses.
-        first = await chunks.__anext__()
-        return CompletionAssembler(request, plan, self._args.model_name, self._tokenizer), prepend(first, chunks)
+        # Wait until the batcher has admitted every choice before answering, so refusals are still statuses.
+        await chunks.__anext__()  # app.streaming.ADMITTED
+        return CompletionAssembler(request, plan, self._args.model_name, self._tokenizer), chunks
 
     def _merged(self, requests: list[Request], timing: Timing) -> AsyncIterator[Chunk]:
         """One streaming batcher call per request, merged (app.streaming: first chunks first)."""

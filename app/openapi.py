@@ -36,7 +36,11 @@ def error_doc(description: str) -> dict:
 ERRORS = {
     400: error_doc("The request cannot be served as asked (not JSON, an unknown model, a prompt the model cannot "
                    "take, a limit exceeded); `error.param` names the field."),
+    408: error_doc("The body did not arrive within request_body_timeout_s, or the server gave up on a body still "
+                   "arriving to admit another request; the connection is closed."),
     413: error_doc("The body is larger than the server's max_request_bytes."),
+    415: error_doc("The body is not sent as Content-Type: application/json."),
+    431: error_doc("Too many request headers, or too many bytes of them (max_header_count, max_header_bytes)."),
     422: error_doc("A field has the wrong type or value; `error.param` names it."),
     500: error_doc("The generation failed on the server."),
     503: {**error_doc("Not served now: the server is at capacity, or a deployment on the request's path failed. "

@@ -11,7 +11,9 @@ the replica submits a request as it arrives, and `info()` answers with the engin
 the ingress checks requests against. The batcher forwards whole prefill batches to a replica as one
 streaming call and routes the replica's chunks back to each request's own stream. A `Chunk` carries
 every token one request produced since its previous chunk (several tokens per chunk, never one RPC
-per token per hop); the last chunk of a request has `finish_reason` set. A per-request failure
+per token per hop); the last chunk of a request has `finish_reason` set. The batcher's first chunk of
+every request it accepts is an `admitted` one (no tokens): the ingress can start a streamed response
+then, rather than when a decode slot frees up for it. A per-request failure
 travels as a chunk with `error` (and, for a rejection, `error_param`: the field at fault), so one bad
 request never fails the others of its batch; whole-call failures are exceptions.
 
@@ -38,6 +40,7 @@ class Chunk:
     error_status: int = 500  # the HTTP status for `error` (400: the engine rejected the request)
     error_param: str | None = None  # with a 4xx: the request field at fault (RequestRejected.param)
     overloaded: bool = False  # with 503: refused because the server is at capacity (not a failure)
+    admitted: bool = False  # the batcher accepted the request (its first chunk; no tokens, not finished)
 
     @property
     def finished(self) -> bool:
@@ -76,6 +79,13 @@ class Unavailable(ServeError):
 
 class Overloaded(Unavailable):
     """Too many requests in flight: try again after `retry_after_s`."""
+
+
+class RequestTimeout(ServeError):
+    """The request's body did not arrive in time, or the ingress gave up on it to admit another request
+    (HTTP 408; the connection is closed)."""
+
+    status_code = 408
 
 
 class Unauthorized(ServeError):

@@ -25,13 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 PromptInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 INT32_MAX = 2**31 - 1  # the engine holds top_k and seeds as int32
 MAX_TEMPERATURE = 2.0  # OpenAI's range; the engine divides by it in float32
+MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters per stop sequence (the body limit counts on it: app.completions)
 # JSON schema for what the field validators below enforce (the published OpenAPI document must
-# refuse what the server refuses): non-empty prompts, at most 4 non-empty stop strings.
+# refuse what the server refuses): non-empty prompts, at most 4 non-empty stop strings of at most
+# MAX_STOP_CHARS characters.
 _TEXT = {"type": "string", "minLength": 1}
 _IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 PROMPT_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _IDS,
                            {"type": "array", "items": _IDS, "minItems": 1}]}
-STOP_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": 4}, {"type": "null"}]}
+_STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+STOP_SCHEMA = {"anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOPS}, {"type": "null"}]}
 
 
 def _check_text(text: str, what: str) -> None:
@@ -110,10 +114,12 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _stop_strings(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         for text in stops:
             _check_text(text, "stop")
         return stop

@@ -3,12 +3,15 @@ metrics, and its server-sent events.
 
 A completion request with several choices (prompts x n) makes one streaming batcher call per choice.
 `merge_streams` merges them into one stream of chunks in arrival order, but only once every stream
-has its first chunk: the ingress waits for that first chunk before it answers, so a refusal (an
-overload: 503 with Retry-After) or a rejection of any choice is still an HTTP status, never a broken
-stream. An error chunk, or a failed call, ends the merged stream with the ServeError it maps to
-(app.errors). Whatever ends it (the last chunk, an error, or the client going away: Serve then
-cancels the request and its consumer here), the calls still running are cancelled, and the batcher
-frees their requests; the replica frees their slots at its next step.
+has its first chunk, which for a request the batcher accepted is its `admitted` chunk (no tokens,
+sent at once). The merged stream starts with one `ADMITTED` chunk when every choice is in; the
+ingress waits for it before it answers, so a refusal (an overload: 503 with Retry-After) or a
+rejection of any choice is still an HTTP status, never a broken stream, while a streamed response
+starts (status and headers) as soon as the request is admitted, not when a decode slot frees up.
+An error chunk, or a failed call, ends the merged stream with the ServeError it maps to (app.errors).
+Whatever ends it (the last chunk, an error, or the client going away: Serve then cancels the request
+and its consumer here), the calls still running are cancelled, and the batcher frees their requests;
+the replica frees their slots at its next step.
 
 `Timing` records time to first token (arrival to the first chunk leaving) and time per output token
 of each choice. `sse_events` writes a stream as OpenAI does: one `data:` line per chunk, a usage event
@@ -29,6 +32,8 @@ from app.protocol import Chunk, ServeError
 
 if TYPE_CHECKING:
     from app.metrics import IngressMetrics
+
+ADMITTED = Chunk("", admitted=True)  # the merged stream's first item: every choice was admitted
 
 
 class ChunkStream(Protocol):
@@ -80,7 +85,8 @@ async def _pump(index: int, stream: ChunkStream, queue: asyncio.Queue) -> None:
 
 
 async def merge_streams(streams: list[ChunkStream], timing: Timing, retry_after_s: float) -> AsyncIterator[Chunk]:
-    """The chunks of all `streams`, merged as they arrive, every stream's first chunk first; raises the
+    """`ADMITTED` once every stream has its first chunk, then the chunks of all `streams` (their
+    `admitted` chunks left out), merged as they arrive, every stream's first chunk first; raises the
     ServeError of the first error chunk or failed call (503s with `retry_after_s`). On the way out,
     for whatever reason, the streams that have not finished are cancelled."""
     unfinished = set(range(len(streams)))
@@ -94,12 +100,15 @@ async def merge_streams(streams: list[ChunkStream], timing: Timing, retry_after_
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams) if not firsts[i].finished]
         for i, chunk in enumerate(firsts):
             queue.put_nowait((i, chunk))
+        yield ADMITTED
         while unfinished:
             i, item = await queue.get()
             if isinstance(item, BaseException):
                 raise as_serve_error(item)
             if item.error:
                 raise chunk_error(item, retry_after_s)
+            if item.admitted:
+                continue
             if item.finished:
                 unfinished.discard(i)
             timing.on_chunk(item)
@@ -109,13 +118,6 @@ async def merge_streams(streams: list[ChunkStream], timing: Timing, retry_after_
             task.cancel()
         for i in unfinished:
             streams[i].cancel()
-
-
-async def prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    """`first`, then the chunks of `rest` (a stream whose first chunk was taken already)."""
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 async def sse_events(assembler: CompletionAssembler, chunks: AsyncIterator[Chunk],

@@ -6,14 +6,22 @@ import pytest
 from pydantic import ValidationError
 
 from app.args import AppArgs
-from app.completions import CompletionAssembler, ServerPolicy, plan_completion, plan_saxml, tokenize_prompts
+from app.completions import (
+    CompletionAssembler,
+    ServerPolicy,
+    default_request_bytes,
+    longest_token_bytes,
+    plan_completion,
+    plan_saxml,
+    tokenize_prompts,
+)
 from app.protocol import Chunk, InvalidRequest
 from app.schemas import CompletionRequest, SaxmlGenerateRequest, prompt_list
 from model.serving.request import Limits
 from model.text.tokenizer import Tokenizer
 
 LIMITS = Limits(vocab_size=50257, max_total_length=128, prompt_buckets=(16, 64))
-POLICY = ServerPolicy(default_max_tokens=16, max_n=8, max_choices=64)
+POLICY = ServerPolicy(default_max_tokens=16, max_n=8, max_choices=32)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +72,8 @@ def test_handle_instances_are_validated_again():
     ({"prompt": [50257]}, "prompt", "outside the vocabulary"),
     ({"prompt": [1] * 65}, "prompt", "prompt has 65 tokens"),
     ({"prompt": [1] * 60, "max_tokens": 69}, "max_tokens", "exceeds the context limit of 128"),
-    ({"prompt": ["a"] * 9, "n": 8}, "n", "9 prompts x n=8 = 72 completions; at most 64"),
-    ({"prompt": ["a"] * 65}, "prompt", "65 prompts x n=1 = 65 completions; at most 64"),
+    ({"prompt": ["a"] * 8, "n": 5}, "n", "8 prompts x n=5 = 40 completions; at most 32"),
+    ({"prompt": ["a"] * 9}, "prompt", "9 prompts; at most 8 per request"),
 ])
 def test_plan_rejections(tokenizer, fields, param, message):
     with pytest.raises(InvalidRequest, match=message.replace("[", r"\[")) as e:
@@ -110,15 +118,56 @@ def test_prompt_list_tells_the_four_shapes_apart(prompt, expected):
 
 
 def test_tokenize_prompts(tokenizer):
-    assert tokenize_prompts(request(prompt=["Hello world", "Hi"]), tokenizer) == [
-        tokenizer.encode("Hello world"), tokenizer.encode("Hi")]
-    assert tokenize_prompts(request(prompt=[5, 6]), tokenizer) == [[5, 6]]
-    assert tokenize_prompts(request(prompt=[[5], [6, 7]]), tokenizer) == [[5], [6, 7]]
+    assert tokenize_prompts(["Hello world", "Hi"], tokenizer) == [tokenizer.encode(t) for t in ("Hello world", "Hi")]
+    assert tokenize_prompts([[5], [6, 7]], tokenizer) == [[5], [6, 7]]
 
 
-def test_policy_from_args():
-    args = AppArgs(default_max_tokens=7, max_n=3, max_pending_requests=5, max_tokens_limit=9)
-    assert ServerPolicy.from_args(args) == ServerPolicy(default_max_tokens=7, max_n=3, max_choices=5, max_tokens_limit=9)
+def test_policy_from_args(tokenizer):
+    args = AppArgs(default_max_tokens=7, max_n=3, max_pending_requests=5, max_tokens_limit=9, max_prompts=2,
+                   max_request_bytes=5000)
+    assert ServerPolicy.from_args(args, tokenizer) == ServerPolicy(
+        default_max_tokens=7, max_n=3, max_choices=5, max_tokens_limit=9, max_prompts=2, max_request_bytes=5000,
+        token_bytes=128)
+
+
+def test_default_body_limit_is_what_the_largest_valid_request_can_use():
+    """max_prompts prompts of the longest bucket at 16 bytes a token, 4 stop strings of 256 characters
+    escaped at 6 bytes each, 4 KiB for the other fields: 74 KiB locally (512-token bucket), not 1 MiB."""
+    assert default_request_bytes(AppArgs()) == 4096 + 4 * 256 * 6 + 8 * 512 * 16 == 75776
+    assert default_request_bytes(AppArgs(prompt_buckets=(128, 1919), max_prompts=1)) == 4096 + 6144 + 1919 * 16
+    assert ServerPolicy.from_args(AppArgs(), Tokenizer.gpt2()).max_request_bytes == 75776
+
+
+def test_longest_token_bounds_the_text_a_prompt_can_have(tokenizer):
+    assert longest_token_bytes(tokenizer) == 128  # GPT-2's vocabulary
+
+
+def test_counts_and_text_sizes_are_refused_before_tokenising(tokenizer):
+    """Too many prompts, too many choices, and a text longer than the longest prompt (in tokens) times
+    the longest token (in bytes): refused without the tokenizer ever seeing the text."""
+
+    class NoTokenizing:
+        def encode(self, text):
+            raise AssertionError("tokenised a request that could be refused unread")
+
+    policy = dataclasses.replace(POLICY, max_prompts=3, max_choices=4, token_bytes=128)
+    most = LIMITS.max_prompt_length * 128
+    cases = [
+        (request(prompt=["a"] * 4), "4 prompts; at most 3 per request", "prompt"),
+        (request(prompt=["a"] * 3, n=2), "3 prompts x n=2 = 6 completions; at most 4", "n"),
+        (request(prompt="é" * (most // 2 + 1)), f"prompt is {most + 2} bytes of text", "prompt"),
+    ]
+    for body, message, param in cases:
+        with pytest.raises(InvalidRequest, match=message) as e:
+            plan_completion(body, NoTokenizing(), LIMITS, policy)
+        assert e.value.param == param
+    fits = "a" * most  # as many bytes as the longest prompt can have: tokenised, then refused by token count
+    with pytest.raises(InvalidRequest, match="tokens; the longest prompt served is"):
+        plan_completion(request(prompt=fits), tokenizer, LIMITS, policy)
+    saxml = SaxmlGenerateRequest(model="m", query="x" * (most + 1))
+    with pytest.raises(InvalidRequest, match="query is") as e:
+        plan_saxml(saxml, NoTokenizing(), LIMITS, policy)
+    assert e.value.param == "query"
 
 
 def test_max_tokens_limit(tokenizer):

@@ -78,6 +78,6 @@ def test_protected_routes_are_the_ones_that_check_the_key():
         for method, operation in methods.items():
             suffix = re.sub(r"\W", "_", path) + "_" + method
             [name] = [n for n in routes if operation["operationId"] == n + suffix]
-            if "self._authorize(http)" in inspect.getsource(routes[name]):
+            if "self._screen(http" in inspect.getsource(routes[name]):  # _screen checks the key
                 checked.add((path, method))
     assert checked == set(PROTECTED.items())

@@ -10,7 +10,7 @@ from ray.exceptions import RayActorError
 from app.completions import CompletionAssembler, ServerPolicy, plan_completion
 from app.protocol import Chunk, InvalidRequest, Overloaded, ServeError, Unavailable
 from app.schemas import CompletionRequest
-from app.streaming import Timing, merge_streams, prepend, sse_events
+from app.streaming import ADMITTED, Timing, merge_streams, sse_events
 from model.serving.request import Limits
 from model.text.tokenizer import Tokenizer
 
@@ -72,17 +72,47 @@ async def collect(stream) -> list[Chunk]:
     return [chunk async for chunk in stream]
 
 
+def admitted(request_id: str) -> Chunk:
+    return Chunk(request_id, admitted=True)
+
+
+async def merged_chunks(streams: list[FakeStream]) -> list[Chunk]:
+    """A merged stream's chunks after its ADMITTED marker (which must come first)."""
+    merged = merge_streams(streams, timing(), 1.0)
+    assert await merged.__anext__() is ADMITTED
+    return await collect(merged)
+
+
 def test_every_first_chunk_comes_before_any_second():
     # a's chunks are all ready at once; b's first takes 50 ms: a's second must still wait for it.
     a = FakeStream([tokens("a", 1), tokens("a", 2), tokens("a", 3, finish="length")])
     b = FakeStream([tokens("b", 7), tokens("b", 8, finish="stop")], delays=[0.05, 0.0])
     c = FakeStream([tokens("c", 9, finish="stop")])  # done in its first chunk
-    merged = asyncio.run(collect(merge_streams([a, b, c], timing(), 1.0)))
+    merged = asyncio.run(merged_chunks([a, b, c]))
     ids = [(chunk.request_id, chunk.token_ids) for chunk in merged]
     assert ids[:3] == [("a", [1]), ("b", [7]), ("c", [9])]
     assert sorted(ids[3:]) == [("a", [2]), ("a", [3]), ("b", [8])]
     assert [t for r, t in ids if r == "a"] == [[1], [2], [3]]  # each stream keeps its order
     assert not (a.cancelled or b.cancelled or c.cancelled)  # every stream finished by itself
+
+
+def test_admission_comes_first_and_admitted_chunks_are_left_out():
+    """The batcher's `admitted` chunks (sent before any token) make the merged stream's ADMITTED, which
+    comes as soon as every choice is admitted, however long its first tokens take."""
+    a = FakeStream([admitted("a"), tokens("a", 1, finish="stop")], delays=[0.0, 0.2])
+    b = FakeStream([admitted("b"), tokens("b", 7), tokens("b", 8, finish="stop")], delays=[0.0, 0.2, 0.0])
+
+    async def run():
+        merged = merge_streams([a, b], timing(), 1.0)
+        start = asyncio.get_running_loop().time()
+        assert await merged.__anext__() is ADMITTED
+        admitted_after = asyncio.get_running_loop().time() - start
+        return admitted_after, await collect(merged)
+
+    admitted_after, rest = asyncio.run(run())
+    assert admitted_after < 0.1
+    assert sorted((c.request_id, c.token_ids) for c in rest) == [("a", [1]), ("b", [7]), ("b", [8])]
+    assert not any(c.admitted for c in rest)
 
 
 def test_a_refused_first_chunk_raises_before_anything_is_yielded():
@@ -109,7 +139,7 @@ def test_a_later_error_chunk_raises_its_serve_error_and_cancels_the_rest():
     with pytest.raises(InvalidRequest) as e:
         asyncio.run(run())
     assert (e.value.param, e.value.status_code) == ("top_p", 400)
-    assert seen == ["a", "b"] and b.cancelled and a.cancelled  # a never sent its last chunk
+    assert seen == ["", "a", "b"] and b.cancelled and a.cancelled  # ADMITTED, then a and b; a never finished
 
 
 def test_a_failed_call_raises_its_serve_error():
@@ -128,6 +158,7 @@ def test_a_consumer_that_leaves_cancels_the_unfinished_streams():
 
     async def leave_after_two():
         merged = merge_streams([a, b], timing(), 1.0)
+        assert await merged.__anext__() is ADMITTED
         chunks = [await merged.__anext__(), await merged.__anext__()]
         await merged.aclose()  # what a client disconnect does, through the consumer
         return chunks
@@ -147,14 +178,6 @@ def test_timing_records_ttft_once_and_tpot_per_choice():
     assert [v for v, _ in metrics.output_tokens.values] == [2, 1, 1, 0]
     [(tpot, tags)] = metrics.time_per_output_token.values
     assert tpot >= 0 and tags == {"api": "completions"}
-
-
-def test_prepend():
-    async def rest():
-        yield tokens("a", 2)
-
-    merged = asyncio.run(collect(prepend(tokens("a", 1), rest())))
-    assert [c.token_ids for c in merged] == [[1], [2]]
 
 
 @pytest.fixture(scope="module")

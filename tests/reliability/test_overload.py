@@ -4,9 +4,11 @@ in full, memory stays bounded, and the app recovers fully when the load drops.
 Against the shared app (max_pending_requests=8, 4 slots). First its capacity is measured (requests
 per second with every slot busy, closed loop); then requests arrive as a Poisson process at
 OVERLOAD_FACTOR times that rate for LOAD_S seconds. Every answer must be 200 with all its tokens, or
-503 with Retry-After (from the batcher, or from Serve's queue guard in front of the ingress); the
-batcher never holds more than its limit; the replica processes' memory grows by less than
-MEMORY_GROWTH_MB; and once the load stops the app goes idle and serves new requests as fast as before.
+503 with Retry-After (from the batcher, the ingress's own bound, or Serve's queue guard in front of the
+ingress); the batcher never holds more than its limit; /readyz, asked twice a second meanwhile, answers
+200 every time (the load balancer's health check must not turn overload into an outage); the replica
+processes' memory grows by less than MEMORY_GROWTH_MB; and once the load stops the app goes idle and
+serves new requests as fast as before.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ async def overload(url: str, rate: float, seconds: float, limit: int) -> dict:
     batcher held at once, and each deployment's peak memory while it lasted."""
     rng = random.Random(7)
     answers: list[tuple[int, dict, float]] = []  # (status, headers or body facts, latency)
+    readyz: list[tuple[int, float, str]] = []  # (status, latency, body if not 200) of /readyz during the load
     max_held = 0
     memory_peak: dict[str, float] = {}
     stop = asyncio.Event()
@@ -75,9 +78,18 @@ async def overload(url: str, rate: float, seconds: float, limit: int) -> dict:
                 memory_peak[deployment] = max(mb, memory_peak.get(deployment, 0.0))
             await asyncio.sleep(0.1)
 
+    async def probe(client: httpx.AsyncClient) -> None:  # what the load balancer's health check sees
+        while not stop.is_set():
+            start = time.monotonic()
+            r = await client.get("/readyz")
+            readyz.append((r.status_code, time.monotonic() - start, r.text[:200] if r.status_code != 200 else ""))
+            await asyncio.sleep(0.5)
+
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client, \
+            httpx.AsyncClient(base_url=url, timeout=30) as prober:
         watcher = asyncio.create_task(watch())
+        prober_task = asyncio.create_task(probe(prober))
         tasks, start, at = [], time.monotonic(), 0.0
         while at < seconds:
             await asyncio.sleep(max(0.0, start + at - time.monotonic()))
@@ -86,8 +98,9 @@ async def overload(url: str, rate: float, seconds: float, limit: int) -> dict:
         await asyncio.gather(*tasks)
         stop.set()
         await watcher
+        await prober_task
     assert max_held <= limit, f"the batcher held {max_held} requests (limit {limit})"
-    return {"answers": answers, "max_held": max_held, "memory_peak": memory_peak}
+    return {"answers": answers, "max_held": max_held, "memory_peak": memory_peak, "readyz": readyz}
 
 
 def test_overload_sheds_with_503_serves_the_admitted_and_recovers(serve_app):
@@ -108,8 +121,11 @@ def test_overload_sheds_with_503_serves_the_admitted_and_recovers(serve_app):
     assert len(shed) >= len(answers) // 4, f"{len(shed)} of {len(answers)} shed: the load was not above capacity"
     assert all(a[1]["retry_after"] and int(a[1]["retry_after"]) >= 1 for a in shed)
     from_batcher = [a for a in shed if "max_pending_requests" in a[1]["message"]]
+    from_ingress = [a for a in shed if "max_ingress_requests" in a[1]["message"]]
     from_serve = [a for a in shed if a[1]["content_type"].startswith("text/plain")]
-    assert len(from_batcher) + len(from_serve) == len(shed), [a[1] for a in shed][:3]
+    assert len(from_batcher) + len(from_ingress) + len(from_serve) == len(shed), [a[1] for a in shed][:3]
+    readyz = result["readyz"]
+    assert readyz and all(status == 200 for status, _, _ in readyz), [p for p in readyz if p[0] != 200]
     # Refusals do not wait for generations (seconds, here); on 2 saturated cores the slowest still
     # queue behind other requests in the proxy and the ingress, so only the typical one is bounded.
     shed_p50 = statistics.median(a[2] for a in shed)
@@ -126,7 +142,9 @@ def test_overload_sheds_with_503_serves_the_admitted_and_recovers(serve_app):
     assert idle["compilations_since_warmup"] == 0
     figures(
         "overload", capacity_rps=round(baseline, 2), arrival_rps=round(rate, 2), seconds=LOAD_S, sent=len(answers),
-        served=len(ok), shed_503=len(shed), shed_by_batcher=len(from_batcher), shed_by_serve_queue=len(from_serve),
+        served=len(ok), shed_503=len(shed), shed_by_batcher=len(from_batcher), shed_by_ingress=len(from_ingress),
+        shed_by_serve_queue=len(from_serve), readyz_probes=len(readyz),
+        readyz_latency_max_s=round(max(s for _, s, _ in readyz), 3),
         served_latency_p50_s=round(statistics.median(a[2] for a in ok), 3),
         served_latency_max_s=round(max(a[2] for a in ok), 3),
         shed_latency_p50_s=round(shed_p50, 3), shed_latency_max_s=round(max(a[2] for a in shed), 3),
