@@ -242,6 +242,16 @@ def test_deployment_placement_and_jax_platforms():
     assert (args.page_size, args.kv_pages, args.max_cache_len % args.page_size) == (64, None, 0)
 
 
+def test_the_ingress_gets_its_malloc_settings_everywhere(overlay):
+    """A config's ray_actor_options replace app.builder's whole, so serve_config.yaml and every overlay
+    must carry the ingress's allocator settings themselves."""
+    from app.builder import INGRESS_MALLOC_ENV
+
+    local = yaml.safe_load(render.SERVE_CONFIG.read_text())
+    for config in (local, serve_config(one(committed(overlay), "RayService"))):
+        assert INGRESS_MALLOC_ENV.items() <= effective_env(config, "Ingress").items()
+
+
 def test_ray_autoscaler_sees_the_worker_groups_as_intended(overlay):
     """Ray's own KubeRay translation (what the autoscaler sidecar computes from the RayCluster) puts
     each deployment where intended: Replica only on a worker host, Ingress/Batcher only on the head,
@@ -324,7 +334,7 @@ def test_gateway_route_health_check_and_metrics():
     assert policy["apiVersion"] == "networking.gke.io/v1"
     assert policy["spec"]["targetRef"] == {"group": "", "kind": "Service", "name": serve_svc}
     check = policy["spec"]["default"]["config"]
-    assert check["type"] == "HTTP" and check["httpHealthCheck"] == {"port": 8000, "requestPath": "/-/healthz"}
+    assert check["type"] == "HTTP" and check["httpHealthCheck"] == {"port": 8000, "requestPath": "/readyz"}
 
     backend = one(objects, "GCPBackendPolicy")
     assert backend["spec"]["targetRef"]["name"] == serve_svc
