@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 
+from bench.engine import random_prompts
 from bench.harness import logger
 
 log = logger("bench.interference")
@@ -75,9 +76,7 @@ def parse_args(argv=None):
 
 
 def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
-    import numpy as np
-
-    return np.random.default_rng(seed).integers(0, vocab, length).tolist()
+    return random_prompts(1, length, vocab, seed)[0]
 
 
 class Recorder:

@@ -233,32 +233,34 @@ def _constrain(tree, specs, mesh):
 
 def _prefill_impl(weights: Weights, tokens, lengths, steps, params: SamplingParams, *, cfg: GPTJConfig, mesh,
                   kv_int8: bool) -> Prefix:
-    b, t = tokens.shape
-    specs = KVCache.param_specs(cfg, b, t, activation_dtype(weights), kv_int8)
-    cache = _constrain(shard_lib.zeros(specs), specs, mesh)
-    token_valid = jnp.arange(t)[None, :] < lengths[:, None]  # [b, T]
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, cache = forward(weights, cfg, tokens, positions, token_valid, cache, jnp.zeros((b,), jnp.int32))
-    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
-    first, logprob = sample(logits(weights, last), params, steps, cfg.real_vocab_size)
-    return Prefix(cache=cache, tokens=first, logprobs=logprob, steps=steps, params=params)
+    """Prefill whole prompts: row r's tokens are positions 0.. of its sequence."""
+    return _prefill_rows(weights, tokens, lengths, steps, params, jnp.zeros_like(lengths), None, cfg=cfg, mesh=mesh,
+                         kv_int8=kv_int8)
 
 
 def _prefill_context_impl(weights: Weights, pool: PagedKV, tables, starts, tokens, lengths, steps,
                           params: SamplingParams, *, cfg: GPTJConfig, mesh, kv_int8: bool) -> Prefix:
     """Prefill that continues prefixes in the pool: row r's tokens are positions starts[r].. of the
     sequence whose pages are tables[r] [n], and attend to its first starts[r] positions there."""
-    b, t = tokens.shape
-    specs = KVCache.param_specs(cfg, b, t, activation_dtype(weights), kv_int8)
-    cache = _constrain(shard_lib.zeros(specs), specs, mesh)
-    span = tables.shape[1] * (pool.k[0].values if kv_int8 else pool.k[0]).shape[2]
+    span = tables.shape[1] * pool.page_size
     context = Context(k=tuple(gather_pages(leaf, tables) for leaf in pool.k),
                       v=tuple(gather_pages(leaf, tables) for leaf in pool.v),
                       valid=jnp.arange(span)[None, :] < starts[:, None])
-    token_valid = jnp.arange(t)[None, :] < lengths[:, None]
+    return _prefill_rows(weights, tokens, lengths, steps, params, starts, context, cfg=cfg, mesh=mesh,
+                         kv_int8=kv_int8)
+
+
+def _prefill_rows(weights: Weights, tokens, lengths, steps, params: SamplingParams, starts, context: Context | None,
+                  *, cfg: GPTJConfig, mesh, kv_int8: bool) -> Prefix:
+    """Prompt rows tokens [b, T] (true lengths [b]) at positions starts[r].., after `context` when
+    given: their dense KV prefix, and each row's first token sampled at its own step."""
+    b, t = tokens.shape
+    specs = KVCache.param_specs(cfg, b, t, activation_dtype(weights), kv_int8)
+    cache = _constrain(shard_lib.zeros(specs), specs, mesh)
+    token_valid = jnp.arange(t)[None, :] < lengths[:, None]  # [b, T]
     positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     hidden, cache = forward(weights, cfg, tokens, positions, token_valid, cache, jnp.zeros((b,), jnp.int32), context)
-    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
     first, logprob = sample(logits(weights, last), params, steps, cfg.real_vocab_size)
     return Prefix(cache=cache, tokens=first, logprobs=logprob, steps=steps, params=params)
 

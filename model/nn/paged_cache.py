@@ -45,6 +45,10 @@ class PagedKV:
             kv = sharding.quantized(kv, axis=-1)
         return PagedKV(k=(kv,) * cfg.n_layers, v=(kv,) * cfg.n_layers)
 
+    @property
+    def page_size(self) -> int:
+        return _pages_values(self.k[0]).shape[2]
+
     @staticmethod
     def bytes_per_page(cfg: GPTJConfig, page_size: int, dtype, quantized: bool = False) -> int:
         """Bytes one page costs across all layers (k and v, scales included), over the whole mesh."""

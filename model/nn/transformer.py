@@ -240,7 +240,7 @@ def decode_forward(
     positions 0..positions[b], reading only the pages in block_tables [B, n] (n: a page-count bucket
     that holds every row). A row with position < 0 holds no request: it writes to the trash page and
     attends over nothing. Returns the final hidden states [B, D] and the updated pool."""
-    page = (pages.k[0].values if isinstance(pages.k[0], QuantArray) else pages.k[0]).shape[2]
+    page = pages.page_size
     live = positions >= 0
     pos = jnp.maximum(positions, 0)
     rows = jnp.arange(tokens.shape[0])

@@ -138,7 +138,7 @@ class Driver:
             self.engine.free_resource(slot)
         for s in plan.cancelled:
             self._deliver(s, self._stream(s).end("cancelled"))
-        self.stats["preemptions"] += len(plan.preempted)
+        self.stats["preemptions"] = self._scheduler.preemptions
         self.stats["prefix_cache_queries"] = self._scheduler.prefix_cache_queries  # prompt tokens, as vLLM counts
         self.stats["prefix_cache_hits"] = self._scheduler.prefix_cache_hits
         if plan.prefill is not None:
@@ -161,16 +161,12 @@ class Driver:
 
     def _prefill(self, batch: PrefillBatch) -> None:
         admitted_at = time.monotonic()
-        reqs = [s.request for s in batch.requests]
-        params = SamplingParams.host(
-            [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
-            [s.seed for s in batch.requests],
-        )
+        params = _sampling_params(batch.requests)
         prefix = self.engine.prefill([s.tokens for s in batch.requests], params,
                                      steps=[len(s.generated) for s in batch.requests])
         self._state = self.engine.insert(prefix, self._state, batch.slots, self._scheduler.pages)
         self.stats["prefill_batches"] += 1
-        self.stats["prefill_rows"] += len(reqs)
+        self.stats["prefill_rows"] += len(batch.requests)
         if self.on_prefill is not None:
             self.on_prefill(batch.bucket, [admitted_at - s.submitted_at for s in batch.requests])
         tokens, logprobs = jax.device_get((prefix.tokens, prefix.logprobs))
@@ -180,8 +176,7 @@ class Driver:
     def _prefill_chunk(self, chunk: PrefillChunk) -> None:
         """One chunk of a long prompt into its slot's pages; the last one samples its first token."""
         s = chunk.request
-        r = s.request
-        params = SamplingParams.host([r.temperature], [r.top_k], [r.top_p], [s.seed])
+        params = _sampling_params([s])
         pages = self._scheduler.pages
         existing = PoolPrefix(self._state, pages, s.slot, chunk.start) if chunk.start else None
         prefix = self.engine.prefill([chunk.tokens], params, existing, steps=[len(s.generated)])
@@ -266,3 +261,10 @@ class Driver:
             except Exception as e:  # the engine is broken: fail loudly, never hang callers
                 self.fail_all(e)
                 return
+
+
+def _sampling_params(scheduled: Sequence[Scheduled]) -> SamplingParams:
+    """Host sampling settings, a row per request, with each request's seed as the scheduler holds it."""
+    reqs = [s.request for s in scheduled]
+    return SamplingParams.host([r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
+                               [s.seed for s in scheduled])

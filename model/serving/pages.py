@@ -135,12 +135,13 @@ class PagePool:
                 previous = entry
         return found
 
-    def admit(self, slot: int, tokens: list[int]) -> int | None:
+    def admit(self, slot: int, tokens: list[int], shared: list[int] | None = None) -> int | None:
         """Pages for a new sequence of `tokens` in empty `slot`, plus its first decode token: every
         cached page of its longest cached prefix, shared (never the page of its last token, which
         must be computed for its logits), and new pages for the rest. Returns how many tokens the
-        shared pages hold, or None (nothing taken) when the rest does not fit."""
-        shared = self.cached_prefix(tokens)
+        shared pages hold, or None (nothing taken) when the rest does not fit. `shared`: the
+        prefix's pages when the caller has just looked them up (`cached_prefix`)."""
+        shared = self.cached_prefix(tokens) if shared is None else shared
         reusable = sum(1 for p in shared if self._refs[p] == 0)  # evictable now, not once shared
         if self.layout.pages_for(len(tokens) + 1) - len(shared) > self.pages_free - reusable:
             return None
@@ -149,7 +150,8 @@ class PagePool:
             self._evictable.pop(p, None)
             self.table[slot, i] = p
         self._held[slot] = len(shared)
-        assert self.allocate(slot, len(tokens) + 1)
+        allocated = self.allocate(slot, len(tokens) + 1)  # fits: counted above
+        assert allocated
         return len(shared) * self.layout.page_size
 
     def register(self, slot: int, tokens: list[int]) -> None:

@@ -176,19 +176,20 @@ class Scheduler:
         oldest waiting request if it needs chunking and its pages fit."""
         s = self._chunking
         if s is None:
-            if not self._waiting or (self._waiting[0].bucket != 0 and not self.pages.cached_prefix(self._waiting[0].tokens)):
+            free = [i for i, owner in enumerate(self._slots) if owner is None]
+            if not self._waiting or not free:
                 return None
             s = self._waiting[0]
-            free = [i for i, owner in enumerate(self._slots) if owner is None]
-            cached = self.pages.admit(free[0], s.tokens) if free else None
+            shared = self.pages.cached_prefix(s.tokens)
+            if s.bucket != 0 and not shared:  # a whole-prompt prefill (`_admit`)
+                return None
+            cached = self.pages.admit(free[0], s.tokens, shared)
             if cached is None:
                 return None
             self._waiting.popleft()
-            s.slot, s.admission, s.prefilled = free[0], self._admissions, cached
-            self._admissions += 1
-            self._slots[s.slot] = s
+            self._seat(s, free[0], cached)
+            s.prefilled = cached
             self._chunking = s
-            self._count_prefix(s, cached)
         start = s.prefilled
         tokens = s.tokens[start : start + self.chunk]
         s.prefilled += len(tokens)
@@ -232,10 +233,7 @@ class Scheduler:
                 break
             self.pages.lengths[slot] = len(s.tokens)
             self.pages.register(slot, s.tokens)  # written by this step's prefill, before anyone reads them
-            s.slot, s.admission = slot, self._admissions
-            self._admissions += 1
-            self._slots[slot] = s
-            self._count_prefix(s, 0)
+            self._seat(s, slot, 0)
             batch.append(s)
         if not batch:
             return None
@@ -243,13 +241,20 @@ class Scheduler:
         self._waiting = collections.deque(s for s in self._waiting if id(s) not in taken)
         return PrefillBatch(bucket, batch, [s.slot for s in batch])
 
-    def _count_prefix(self, s: Scheduled, cached: int) -> None:
+    def _seat(self, s: Scheduled, slot: int, cached: int) -> None:
+        """`s` is admitted into `slot` (its pages taken already, `cached` of its tokens from the cache)."""
+        s.slot, s.admission = slot, self._admissions
+        self._admissions += 1
+        self._slots[slot] = s
         self.prefix_cache_queries += len(s.tokens)
         self.prefix_cache_hits += cached
 
     def _release(self, s: Scheduled) -> None:
-        """`s` gives its slot and pages back; the full pages it wrote stay cached (prefix caching)."""
+        """`s` gives its slot and pages back (a prompt being chunked stops there); the full pages it
+        wrote stay cached (prefix caching)."""
         written = s.prefilled if s is self._chunking else int(self.pages.lengths[s.slot])
+        if s is self._chunking:
+            self._chunking = None
         self.pages.register(s.slot, s.tokens[:written])
         self.pages.free(s.slot)
         self._slots[s.slot] = None
@@ -267,9 +272,6 @@ class Scheduler:
 
     def finish(self, s: Scheduled) -> None:
         """`s` has ended: it leaves the queue or frees its slot. Idempotent."""
-        if s is self._chunking:
-            self._release(s)
-            self._chunking = None
         if s.slot is not None:
             self._release(s)
         elif s in self._waiting:
