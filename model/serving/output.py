@@ -20,6 +20,17 @@ from model.text.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
+class Beam:
+    """One finished beam of a beam search: its tokens (EOS included when it ended on it), their own
+    logprobs, its text and its score (transformers' `sequences_scores`: sum of logprobs / length ** penalty)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    score: float
+
+
+@dataclasses.dataclass
 class Output:
     request_id: str
     token_ids: list[int]  # new since the previous Output of this request
@@ -28,6 +39,8 @@ class Output:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    score: float | None = None  # beam search: the best beam's score (its tokens are `token_ids`)
+    beams: list[Beam] | None = None  # beam search: every finished beam, best first
 
 
 @dataclasses.dataclass
@@ -40,6 +53,8 @@ class Result:
     logprobs: list[float]
     text: str
     finish_reason: str
+    score: float | None = None  # beam search (see Output)
+    beams: list[Beam] | None = None
 
     @staticmethod
     def of(request: Request, outputs: list[Output]) -> "Result":
@@ -50,6 +65,8 @@ class Result:
             logprobs=[lp for o in outputs for lp in o.logprobs],
             text="".join(o.text for o in outputs),
             finish_reason=outputs[-1].finish_reason,
+            score=outputs[-1].score,
+            beams=outputs[-1].beams,
         )
 
 

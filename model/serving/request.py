@@ -36,6 +36,10 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     stop: Sequence[str] = ()  # stop strings, matched on the detokenised text
     stop_at_eos: bool = False
+    min_tokens: int = 0  # EOS cannot end the request before this many tokens (transformers' min_new_tokens)
+    num_beams: int = 1  # > 1: beam search by transformers' rules (greedy only; no stop strings or stop tokens)
+    length_penalty: float = 1.0  # beam search: a finished beam scores sum(logprobs) / generated_len ** this
+    early_stopping: bool = True  # beam search: stop once num_beams beams have finished
     request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -56,6 +60,7 @@ class Limits:
     prompt_buckets: tuple[int, ...]  # compiled prompt lengths; the longest prompt is the last
     max_total_length: int  # prompt + max_tokens must fit in this many positions
     kv_capacity_tokens: int | None = None  # the whole KV page pool; a longer sequence could never run
+    max_beams: int = 1  # the most beams a request may search with
 
     @property
     def max_prompt_length(self) -> int:
@@ -112,6 +117,25 @@ class Limits:
             raise RequestRejected(f"top_k must be in [0, 2**31), got {r.top_k}", "top_k")
         if r.seed is not None and not 0 <= r.seed < INT32_LIMIT:
             raise RequestRejected(f"seed must be in [0, 2**31), got {r.seed}", "seed")
+        if not _is_int(r.min_tokens) or not 0 <= r.min_tokens <= r.max_tokens:
+            raise RequestRejected(f"min_tokens must be an integer in [0, max_tokens={r.max_tokens}], got "
+                                  f"{r.min_tokens!r}", "min_tokens")
+        self.check_beams(r)
+
+    def check_beams(self, r: Request) -> None:
+        """Beam search settings: up to `max_beams` beams, greedy, ended by EOS and max_tokens only."""
+        if not _is_int(r.num_beams) or not 1 <= r.num_beams <= self.max_beams:
+            raise RequestRejected(f"num_beams must be an integer in [1, {self.max_beams}], got {r.num_beams!r}",
+                                  "num_beams")
+        if not abs(r.length_penalty) <= FLOAT32_MAX:  # also catches NaN
+            raise RequestRejected(f"length_penalty must be a finite number, got {r.length_penalty}", "length_penalty")
+        if r.num_beams == 1:
+            return
+        for field, bad in (("temperature", r.temperature != 0), ("stop", bool(r.stop)),
+                           ("stop_token_ids", bool(r.stop_token_ids))):
+            if bad:
+                raise RequestRejected(f"{field} is not supported with beam search (num_beams={r.num_beams}): beams "
+                                      "are greedy and end at EOS or max_tokens", field)
 
 
 def _is_int(x) -> bool:
