@@ -15,20 +15,25 @@ or threads (that is `model.serving`). A request's life, as a driver runs it:
   3. `generate(state, pages)`: one decode step for every slot: each slot's next token and its
      logprob, its key and value written at position `pages.lengths[slot]`. Repeated until the driver
      decides the request is done (stop token, stop string, max_tokens).
-  4. `free_resource(slot)`: the request in `slot` has ended; the engine releases what it held for it
+  4. `fork(state, forks, copies)` (beam search): after a step, each beam's slot continues the
+     sequence of the beam it extends: it takes that slot's settings and is fed its chosen token, and
+     the pages the host gives it (model.serving.pages.PagePool.fork) get copies of what they must
+     hold. The full pages before are shared, so a fork copies at most one page per beam.
+  5. `free_resource(slot)`: the request in `slot` has ended; the engine releases what it held for it
      beyond its pages (which the scheduler takes back). The slot is then free for the next insert.
 
 Shapes: `limits` says what a request may be (vocabulary, prompt buckets, context), and the driver
 checks every request against it before anything runs. `max_concurrent_decodes` is the slot count (the
-decode batch); `samples_per_slot` is how many sequences one slot decodes (beam search: one per beam);
-`page_layout` is the KV pool the scheduler allocates from (page size, pages, pages per sequence);
+decode batch; a beam request takes one slot per beam); `top_candidates` how many most likely tokens
+every prefill row and decode step reports (beam search and top logprobs read them); `page_layout` is the KV pool the scheduler allocates from (page size, pages, pages per sequence);
 `prefill_buckets` the prompt lengths prefill takes (the prompt buckets, and what a recompute needs).
 
 Static shapes, proved: `warmup()` compiles every shape serving will use before the engine reports
 ready, and `compilations_since_warmup` counts what compiled afterwards (it must stay 0).
 
 The decode state and prefixes are engine-defined pytrees, passed back in as they came out (donated
-on devices); a driver reads only the `tokens` and `logprobs` of a prefix and of a step's output.
+on devices); a driver reads only the `tokens`, `logprobs`, `top_tokens` and `top_logprobs` of a
+prefix and of a step's output.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Sampled(Protocol):
 
     tokens: Any  # [rows] int32, device or host array
     logprobs: Any  # [rows] float32: the model's own log-probability of each token
+    top_tokens: Any  # [rows, top_candidates] int32: the most likely tokens, best first
+    top_logprobs: Any  # [rows, top_candidates] float32: their own log-probabilities
 
 
 Prefix = Any  # an engine's prefill result (a Sampled with the KV prefix it computed)
@@ -126,8 +133,8 @@ class Engine(abc.ABC):
         return self.limits.prompt_buckets
 
     @property
-    def samples_per_slot(self) -> int:
-        """Sequences decoded per slot (more than one for beam search)."""
+    def top_candidates(self) -> int:
+        """The most likely tokens every prefill row and decode step reports (`Sampled.top_tokens`)."""
         return 1
 
     # -- the lifecycle --------------------------------------------------------------------------
@@ -149,6 +156,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, state: DecodeState, pages: PagePool) -> tuple[DecodeState, Sampled]:
         """One decode step for every slot, over the block tables and lengths of `pages`."""
+
+    def fork(self, state: DecodeState, forks: Sequence[tuple[int, int, int]],
+             copies: Sequence[tuple[int, int]]) -> DecodeState:
+        """Beam search's reorder: each (dst slot, src slot, token) gives dst src's sampling settings
+        and step and feeds it `token` next; each (src page, dst page) copies a page. At most
+        `max_concurrent_decodes` of each per call."""
+        raise NotImplementedError(f"{type(self).__name__} does not support beam search")
 
     def free_resource(self, slot: int) -> None:
         """The request in `slot` ended: release what the engine holds for it (nothing, by default)."""

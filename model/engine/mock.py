@@ -8,6 +8,8 @@ The arithmetic, over a vocabulary of `vocab_size` ids (GPT-2's 50257 by default)
 - a prompt's first generated token is its last token + 1, and every decode step's token is the
   slot's previous token + 1 (all mod vocab_size): prompt [.., t] generates t+1, t+2, t+3, ...;
 - every token's logprob is -(token % 4) / 4 (exact in float32: 0, -0.25, -0.5, -0.75);
+- the candidates a row reports (`top_tokens`) after last token t are t+1, t+2, ..., the j-th with
+  logprob -((t+1) % 4) / 4 - j, so beam search follows t+1, t+2, ... too (best first: the sampled one);
 - sampling settings are ignored (every request decodes as above, seeded or not).
 So with GPT-2's vocabulary a prompt ending in t reaches <|endoftext|> (50256) after 50256 - t tokens.
 
@@ -53,6 +55,8 @@ class MockPrefix:
     prompts: list[list[int]]  # every row's prompt (or chunk)
     tokens: np.ndarray  # [rows] first generated token
     logprobs: np.ndarray  # [rows]
+    top_tokens: np.ndarray  # [rows, K]
+    top_logprobs: np.ndarray  # [rows, K]
 
 
 @dataclasses.dataclass
@@ -64,6 +68,8 @@ class MockDecodeState:
 class MockStepOutput:
     tokens: np.ndarray  # [slots]
     logprobs: np.ndarray  # [slots]
+    top_tokens: np.ndarray  # [slots, K]
+    top_logprobs: np.ndarray  # [slots, K]
 
 
 class MockEngine(api.Engine):
@@ -72,10 +78,13 @@ class MockEngine(api.Engine):
     def __init__(self, slots: int = 4, prompt_buckets: Sequence[int] = (16, 64), max_prefill_batch: int = 4,
                  max_total_length: int = 256, vocab_size: int = GPT2_VOCAB_SIZE, eos_token_id: int = ENDOFTEXT_ID,
                  step_delay_s: float = 0.0, page_size: int = 16, num_pages: int | None = None,
-                 prefill_chunk_tokens: int | None = None, enable_prefix_caching: bool = False):
+                 prefill_chunk_tokens: int | None = None, enable_prefix_caching: bool = False, max_beams: int | None = None):
         pages_per_seq = cdiv(max_total_length, page_size)
         self._layout = PageLayout(page_size, num_pages or slots * pages_per_seq, pages_per_seq)
-        self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length, self._layout.capacity_tokens)
+        max_beams = min(4, slots) if max_beams is None else max_beams  # as the paged engine's default
+        self._limits = Limits(vocab_size, tuple(prompt_buckets), max_total_length, self._layout.capacity_tokens,
+                              max_beams, page_size)
+        self._candidates = 2 * max_beams + 1
         self._chunk = prefill_chunk_tokens
         self._prefix_caching = enable_prefix_caching
         preemptible = self._layout.num_pages < slots * pages_per_seq  # then recomputes need the whole context
@@ -126,6 +135,10 @@ class MockEngine(api.Engine):
     def prefix_caching(self) -> bool:
         return self._prefix_caching
 
+    @property
+    def top_candidates(self) -> int:
+        return self._candidates
+
     # -- the lifecycle --------------------------------------------------------------------------
 
     def init_decode_state(self) -> MockDecodeState:
@@ -142,7 +155,7 @@ class MockEngine(api.Engine):
         self._tick()
         self.prefill_batches.append(len(prompts))
         tokens = np.array([(p[-1] + 1) % self._limits.vocab_size for p in prompts], np.int32)
-        return MockPrefix([list(p) for p in prompts], tokens, mock_logprob(tokens))
+        return MockPrefix([list(p) for p in prompts], tokens, mock_logprob(tokens), *self._top(tokens))
 
     def insert(self, prefix: MockPrefix, state: MockDecodeState, slots: Sequence[int], pages: PagePool,
                start: int = 0) -> MockDecodeState:
@@ -153,7 +166,21 @@ class MockEngine(api.Engine):
     def generate(self, state: MockDecodeState, pages: PagePool) -> tuple[MockDecodeState, MockStepOutput]:
         self._tick()
         tokens = ((state.tokens + 1) % self._limits.vocab_size).astype(np.int32)
-        return MockDecodeState(tokens), MockStepOutput(tokens, mock_logprob(tokens))
+        return MockDecodeState(tokens), MockStepOutput(tokens, mock_logprob(tokens), *self._top(tokens))
+
+    def _top(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's candidates: tokens t, t+1, ... with logprobs logprob(t), logprob(t) - 1, ..."""
+        j = np.arange(self._candidates)
+        top = ((tokens[:, None] + j[None, :]) % self._limits.vocab_size).astype(np.int32)
+        return top, (mock_logprob(tokens)[:, None] - j[None, :]).astype(np.float32)
+
+    def fork(self, state: MockDecodeState, forks, copies) -> MockDecodeState:
+        if len(forks) > self._slots or len(copies) > self._slots:
+            raise ValueError(f"{len(forks)} forks and {len(copies)} copies: at most {self._slots} of each")
+        tokens = state.tokens.copy()
+        for dst, _, token in forks:
+            tokens[dst] = token
+        return MockDecodeState(tokens)
 
     def free_resource(self, slot: int) -> None:
         self.freed.append(slot)

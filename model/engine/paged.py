@@ -50,13 +50,13 @@ import numpy as np
 from model.engine import api
 from model.engine.api import PoolPrefix
 from model.engine.buckets import smallest_fitting
-from model.engine.sampling import SamplingParams, sample
+from model.engine.sampling import SamplingParams, sample, top_candidates
 from model.nn import paged_attention
 from model.nn import sharding as shard_lib
 from model.nn.config import GPTJConfig
 from model.nn.kv_cache import KVCache
 from model.nn.paged_cache import PagedKV, gather_pages, write_prompt
-from model.nn.sharding import BATCH, PAGES, SEQ, ParamSpec, is_spec
+from model.nn.sharding import BATCH, CANDIDATES, PAGES, SEQ, ParamSpec, is_spec
 from model.nn.transformer import Context, Weights, activation_dtype, decode_forward, forward, logits
 from model.serving.pages import PageLayout, PagePool, cdiv
 from model.serving.request import Limits
@@ -82,6 +82,19 @@ class EngineConfig:
     hbm_utilization: float = 0.9  # fraction of device memory weights + pool may take, when sizing the pool
     prefill_chunk_tokens: int | None = None  # tokens of one prefill that continues a prefix in the pool (None: off)
     enable_prefix_caching: bool = False  # share cached full pages of prompts (needs prefill_chunk_tokens)
+    max_beams: int | None = None  # the most beams one request may search with (each takes a slot); None: min(4, slots)
+    max_top_logprobs: int = 5  # the most top logprobs a request may ask for per token
+
+    @property
+    def beam_limit(self) -> int:
+        return self.max_beams if self.max_beams is not None else min(4, self.slots)
+
+    @property
+    def top_candidates(self) -> int:
+        """The most likely tokens every prefill row and decode step reports: beam search extends k
+        beams from each beam's best 2k (2k + 1, since EOS may be barred by min_tokens), and top
+        logprobs come from them."""
+        return max(2 * self.beam_limit + 1, self.max_top_logprobs)
 
     def cache_len(self, cfg: GPTJConfig) -> int:
         return self.max_cache_len or cfg.n_positions
@@ -160,6 +173,10 @@ class EngineConfig:
         if self.enable_prefix_caching and chunk is None:
             raise ValueError("enable_prefix_caching needs prefill_chunk_tokens: a request prefills what follows its "
                              "cached prefix as a chunk that continues it")
+        if not 1 <= self.beam_limit <= self.slots:
+            raise ValueError(f"max_beams={self.max_beams} must be in [1, slots={self.slots}]: each beam takes a slot")
+        if self.max_top_logprobs < 0:
+            raise ValueError(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs}")
         if chunk is not None and self.batch_buckets[0] != 1:
             raise ValueError(f"chunked prefill runs one prompt at a time: batch_buckets={self.batch_buckets} "
                              "must start at 1")
@@ -177,16 +194,22 @@ class Prefix:
     cache: KVCache  # [b, T]
     tokens: jax.Array  # [b] first generated token
     logprobs: jax.Array  # [b]
+    top_tokens: jax.Array  # [b, K] the most likely first tokens, best first (sampling.top_candidates)
+    top_logprobs: jax.Array  # [b, K] their logprobs
     steps: jax.Array  # [b] the sampling step of `tokens` (0, or the tokens a recomputed request had)
     params: SamplingParams  # [b]
 
     @staticmethod
-    def param_specs(cfg: GPTJConfig, batch: int, length: int, dtype, kv_int8: bool = False) -> "Prefix":
+    def param_specs(cfg: GPTJConfig, batch: int, length: int, dtype, kv_int8: bool = False,
+                    candidates: int = 1) -> "Prefix":
         row = lambda dt: ParamSpec((batch,), dt, (BATCH,))  # noqa: E731
+        top = lambda dt: ParamSpec((batch, candidates), dt, (BATCH, CANDIDATES))  # noqa: E731
         return Prefix(
             cache=KVCache.param_specs(cfg, batch, length, dtype, kv_int8),
             tokens=row(jnp.int32),
             logprobs=row(jnp.float32),
+            top_tokens=top(jnp.int32),
+            top_logprobs=top(jnp.float32),
             steps=row(jnp.int32),
             params=_sampling_specs(row),
         )
@@ -215,6 +238,8 @@ class DecodeState:
 class StepOutput:
     tokens: jax.Array  # [slots]
     logprobs: jax.Array  # [slots]
+    top_tokens: jax.Array  # [slots, K] each slot's most likely next tokens, best first
+    top_logprobs: jax.Array  # [slots, K]
 
 
 def _sampling_specs(row) -> SamplingParams:
@@ -232,14 +257,14 @@ def _constrain(tree, specs, mesh):
 
 
 def _prefill_impl(weights: Weights, tokens, lengths, steps, params: SamplingParams, *, cfg: GPTJConfig, mesh,
-                  kv_int8: bool) -> Prefix:
+                  kv_int8: bool, candidates: int) -> Prefix:
     """Prefill whole prompts: row r's tokens are positions 0.. of its sequence."""
     return _prefill_rows(weights, tokens, lengths, steps, params, jnp.zeros_like(lengths), None, cfg=cfg, mesh=mesh,
-                         kv_int8=kv_int8)
+                         kv_int8=kv_int8, candidates=candidates)
 
 
 def _prefill_context_impl(weights: Weights, pool: PagedKV, tables, starts, tokens, lengths, steps,
-                          params: SamplingParams, *, cfg: GPTJConfig, mesh, kv_int8: bool) -> Prefix:
+                          params: SamplingParams, *, cfg: GPTJConfig, mesh, kv_int8: bool, candidates: int) -> Prefix:
     """Prefill that continues prefixes in the pool: row r's tokens are positions starts[r].. of the
     sequence whose pages are tables[r] [n], and attend to its first starts[r] positions there."""
     span = tables.shape[1] * pool.page_size
@@ -247,11 +272,11 @@ def _prefill_context_impl(weights: Weights, pool: PagedKV, tables, starts, token
                       v=tuple(gather_pages(leaf, tables) for leaf in pool.v),
                       valid=jnp.arange(span)[None, :] < starts[:, None])
     return _prefill_rows(weights, tokens, lengths, steps, params, starts, context, cfg=cfg, mesh=mesh,
-                         kv_int8=kv_int8)
+                         kv_int8=kv_int8, candidates=candidates)
 
 
 def _prefill_rows(weights: Weights, tokens, lengths, steps, params: SamplingParams, starts, context: Context | None,
-                  *, cfg: GPTJConfig, mesh, kv_int8: bool) -> Prefix:
+                  *, cfg: GPTJConfig, mesh, kv_int8: bool, candidates: int) -> Prefix:
     """Prompt rows tokens [b, T] (true lengths [b]) at positions starts[r].., after `context` when
     given: their dense KV prefix, and each row's first token sampled at its own step."""
     b, t = tokens.shape
@@ -261,8 +286,11 @@ def _prefill_rows(weights: Weights, tokens, lengths, steps, params: SamplingPara
     positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     hidden, cache = forward(weights, cfg, tokens, positions, token_valid, cache, jnp.zeros((b,), jnp.int32), context)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
-    first, logprob = sample(logits(weights, last), params, steps, cfg.real_vocab_size)
-    return Prefix(cache=cache, tokens=first, logprobs=logprob, steps=steps, params=params)
+    scores = logits(weights, last)
+    first, logprob = sample(scores, params, steps, cfg.real_vocab_size)
+    top_tokens, top_logprobs = top_candidates(scores, cfg.real_vocab_size, candidates)
+    return Prefix(cache=cache, tokens=first, logprobs=logprob, top_tokens=top_tokens, top_logprobs=top_logprobs,
+                  steps=steps, params=params)
 
 
 def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, page_ids, *, mesh, specs) -> DecodeState:
@@ -283,13 +311,34 @@ def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, page_ids, *, mesh
 
 
 def _generate_impl(weights: Weights, state: DecodeState, block_tables, positions, *, cfg: GPTJConfig, mesh, specs,
-                   attention_impl: str) -> tuple[DecodeState, StepOutput]:
+                   attention_impl: str, candidates: int) -> tuple[DecodeState, StepOutput]:
     """positions [slots]: where each slot's token goes (its length so far), -1 for a free slot."""
     hidden, pages = decode_forward(weights, cfg, state.tokens, positions, state.pages, block_tables,
                                    attention_impl=attention_impl, mesh=mesh)
-    tokens, logprobs = sample(logits(weights, hidden), state.params, state.steps, cfg.real_vocab_size)
+    scores = logits(weights, hidden)
+    tokens, logprobs = sample(scores, state.params, state.steps, cfg.real_vocab_size)
+    top_tokens, top_logprobs = top_candidates(scores, cfg.real_vocab_size, candidates)
     new = DecodeState(pages=pages, tokens=tokens, steps=state.steps + 1, params=state.params)
-    return _constrain(new, specs, mesh), StepOutput(tokens=tokens, logprobs=logprobs)
+    return _constrain(new, specs, mesh), StepOutput(tokens=tokens, logprobs=logprobs, top_tokens=top_tokens,
+                                                    top_logprobs=top_logprobs)
+
+
+def _fork_impl(state: DecodeState, dst_slots, src_slots, tokens, src_pages, dst_pages, *, mesh,
+               specs) -> DecodeState:
+    """Beam search's reorder: slot dst_slots[i] takes slot src_slots[i]'s sampling settings and step
+    and decodes `tokens[i]` next (dst == slots: a padding entry, dropped); then page src_pages[j] is
+    copied to dst_pages[j] (a beam's own copy of its parent's last, partial page; padding copies the
+    trash page onto itself). Every other slot and page is untouched."""
+    put = lambda dst, src: dst.at[dst_slots].set(src, mode="drop")  # noqa: E731
+    take = lambda a: a[src_slots]  # noqa: E731
+    copy = lambda leaf: leaf.at[:, dst_pages].set(leaf[:, src_pages])  # noqa: E731  pages are axis 1 (scales too)
+    new = DecodeState(
+        pages=jax.tree.map(copy, state.pages),
+        tokens=put(state.tokens, tokens),
+        steps=put(state.steps, take(state.steps)),
+        params=jax.tree.map(lambda a: put(a, take(a)), state.params),
+    )
+    return _constrain(new, specs, mesh)
 
 
 class PagedEngine(api.Engine):
@@ -307,12 +356,12 @@ class PagedEngine(api.Engine):
         self._layout = PageLayout(config.page_size, self._pool_pages(), config.pages_per_seq(model_config))
         self._prefill_buckets = config.prefill_buckets(model_config, self._layout.num_pages)
         self._limits = Limits(model_config.real_vocab_size, tuple(config.prompt_buckets), self.cache_len,
-                              self._layout.capacity_tokens)
+                              self._layout.capacity_tokens, config.beam_limit, config.page_size)
         self.attention_impl = _attention_impl(model_config, config, self.mesh)
         self._state_specs = DecodeState.param_specs(model_config, config.slots, self._layout.num_pages + 1,
                                                     config.page_size, self.dtype, config.kv_int8)
-        self._prefill, self._insert, self._generate = _jitted(model_config, config, self.mesh, self._state_specs,
-                                                              self.attention_impl)
+        self._prefill, self._insert, self._generate, self._fork = _jitted(model_config, config, self.mesh,
+                                                                          self._state_specs, self.attention_impl)
         self._prefill_context = _jitted_continuing(model_config, config, self.mesh)
         self.decode_steps_by_bucket: collections.Counter[int] = collections.Counter()  # after warm-up
 
@@ -370,6 +419,14 @@ class PagedEngine(api.Engine):
     @property
     def prefix_caching(self) -> bool:
         return self.config.enable_prefix_caching
+
+    @property
+    def beam_limit(self) -> int:
+        return self.max_beams if self.max_beams is not None else min(4, self.slots)
+
+    @property
+    def top_candidates(self) -> int:
+        return self.config.top_candidates
 
     # -- the API --------------------------------------------------------------------------------
 
@@ -436,6 +493,21 @@ class PagedEngine(api.Engine):
             self.decode_steps_by_bucket[n] += 1
         return self._generate(self.weights, state, pages.table[:, :n].copy(), positions)
 
+    def fork(self, state: DecodeState, forks: Sequence[tuple[int, int, int]],
+             copies: Sequence[tuple[int, int]]) -> DecodeState:
+        """Beam search: each (dst slot, src slot, token) of `forks` gives dst src's settings and step and
+        feeds it `token` next; each (src page, dst page) of `copies` is copied (see `_fork_impl`)."""
+        slots = self.config.slots
+        if len(forks) > slots or len(copies) > slots:
+            raise ValueError(f"{len(forks)} forks and {len(copies)} page copies: at most {slots} of each")
+        arrays = np.zeros((5, slots), np.int32)
+        arrays[0] = slots  # padding forks are dropped; padding copies copy the trash page onto itself
+        if forks:
+            arrays[:3, : len(forks)] = np.asarray(forks, np.int32).T
+        if copies:
+            arrays[3:, : len(copies)] = np.asarray(copies, np.int32).T
+        return self._fork(state, *arrays)
+
     @staticmethod
     def _bucket(size: int, buckets: Sequence[int], what: str) -> int:
         bucket = smallest_fitting(size, buckets)
@@ -471,6 +543,9 @@ class PagedEngine(api.Engine):
             scratch.lengths[0] = (n - 1) * self.config.page_size  # selects page bucket n; its table row is trash
             state, out = self.generate(state, scratch)
         scratch.lengths[0] = 0
+        if progress:
+            _progress("beam fork", start)
+        state = self.fork(state, [], [])
         jax.block_until_ready(out)
         seconds = self._warmed_up(start)
         if progress:
@@ -497,17 +572,22 @@ def _attention_impl(cfg: GPTJConfig, config: EngineConfig, mesh) -> str:
 
 
 def _jitted(cfg: GPTJConfig, config: EngineConfig, mesh, specs: DecodeState, attention_impl: str):
-    """The engine's three jitted functions: prefill, insert (donates the state), generate (donates it)."""
-    prefill = jax.jit(functools.partial(_prefill_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8))
+    """The engine's jitted functions: prefill, insert (donates the state), generate (donates it) and
+    fork (beam search's reorder; donates it)."""
+    candidates = config.top_candidates
+    prefill = jax.jit(functools.partial(_prefill_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8,
+                                        candidates=candidates))
     insert = jax.jit(functools.partial(_insert_impl, mesh=mesh, specs=specs), donate_argnums=(1,))
     generate = jax.jit(functools.partial(_generate_impl, cfg=cfg, mesh=mesh, specs=specs,
-                                         attention_impl=attention_impl), donate_argnums=(1,))
-    return prefill, insert, generate
+                                         attention_impl=attention_impl, candidates=candidates), donate_argnums=(1,))
+    fork = jax.jit(functools.partial(_fork_impl, mesh=mesh, specs=specs), donate_argnums=(0,))
+    return prefill, insert, generate, fork
 
 
 def _jitted_continuing(cfg: GPTJConfig, config: EngineConfig, mesh):
     """The prefill that continues a prefix in the pool (reads the pool, donates nothing)."""
-    return jax.jit(functools.partial(_prefill_context_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8))
+    return jax.jit(functools.partial(_prefill_context_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8,
+                                     candidates=config.top_candidates))
 
 
 def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dtype, quantize: bool,
@@ -515,7 +595,7 @@ def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dt
     """Every function serving compiles, with abstract arguments (shapes, dtypes, shardings on `mesh`;
     nothing allocated): [(name, jitted function, args)] for `jax.export` (bench.lower). Needs
     `config.num_pages` (no device to measure). Names: prefill_t{T}_b{B}, insert_t{T}_b{B},
-    prefill_continue_t{T}_p{n} (with chunked prefill), decode_p{n}."""
+    prefill_continue_t{T}_p{n} (with chunked prefill), decode_p{n}, beam_fork."""
     if config.num_pages is None:
         raise ValueError("lowering needs an explicit num_pages: there is no device memory to size the pool from")
     config.validate(model_config)
@@ -527,24 +607,26 @@ def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dt
     weights = abstract(Weights.param_specs(cfg, dtype, quantize))
     specs = DecodeState.param_specs(cfg, config.slots, config.num_pages + 1, config.page_size, dtype, config.kv_int8)
     state = abstract(specs)
-    prefill, insert, generate = _jitted(cfg, config, mesh, specs, attention_impl)
+    prefill, insert, generate, fork = _jitted(cfg, config, mesh, specs, attention_impl)
     targets = []
     for t in config.prefill_buckets(cfg, config.num_pages):
         for b in config.batch_buckets:
-            rows = abstract(Prefix.param_specs(cfg, b, t, dtype, config.kv_int8))
+            rows = abstract(Prefix.param_specs(cfg, b, t, dtype, config.kv_int8, config.top_candidates))
             args = (weights, int32((b, t), (BATCH, SEQ)), int32((b,), (BATCH,)), rows.steps, rows.params)
             targets.append((f"prefill_t{t}_b{b}", prefill, args))
             page_ids = int32((b, cdiv(t, config.page_size)), (BATCH, PAGES))
             targets.append((f"insert_t{t}_b{b}", insert, (rows, state, int32((b,), (BATCH,)), page_ids)))
     continuing = _jitted_continuing(cfg, config, mesh)
     for t, n, _, _ in config.continuing_shapes(cfg, config.num_pages):
-        row = abstract(Prefix.param_specs(cfg, 1, t, dtype, config.kv_int8))
+        row = abstract(Prefix.param_specs(cfg, 1, t, dtype, config.kv_int8, config.top_candidates))
         args = (weights, state.pages, int32((1, n), (BATCH, PAGES)), int32((1,), (BATCH,)), int32((1, t), (BATCH, SEQ)),
                 int32((1,), (BATCH,)), row.steps, row.params)
         targets.append((f"prefill_continue_t{t}_p{n}", continuing, args))
     for n in config.decode_page_buckets(cfg):
         block_tables = int32((config.slots, n), (BATCH, PAGES))
         targets.append((f"decode_p{n}", generate, (weights, state, block_tables, int32((config.slots,), (BATCH,)))))
+    slot_rows = [int32((config.slots,), (BATCH,))] * 5
+    targets.append(("beam_fork", fork, (state, *slot_rows)))
     return targets
 
 

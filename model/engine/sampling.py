@@ -51,6 +51,15 @@ def chosen_logprobs(logits: jax.Array, tokens: jax.Array, real_vocab: int) -> ja
     return chosen - jax.nn.logsumexp(real, axis=-1)
 
 
+def top_candidates(logits: jax.Array, real_vocab: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's k most likely tokens under the model's own distribution (log-softmax of logits
+    [B, V] over the real vocabulary), best first: (tokens [B, k] int32, logprobs [B, k] float32).
+    Beam search extends its beams from these, and top logprobs are reported from them."""
+    real = logits[:, :real_vocab].astype(jnp.float32)
+    best, tokens = jax.lax.top_k(real, k)
+    return tokens.astype(jnp.int32), best - jax.nn.logsumexp(real, axis=-1, keepdims=True)
+
+
 def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Mask (to -inf) everything outside each row's top-k and nucleus (top-p) set."""
     vocab = scaled.shape[-1]

@@ -36,6 +36,7 @@ HEAD_DIM = "head_dim"
 QKV = "qkv"  # the stacked q / k / v axis of the fused projection
 FF = "ff"  # d_ff
 VOCAB = "vocab"
+CANDIDATES = "candidates"  # a row's most likely next tokens (beam search, top logprobs)
 
 TP = "tp"  # the mesh axis
 
@@ -52,6 +53,7 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     QKV: None,
     FF: TP,
     VOCAB: TP,
+    CANDIDATES: None,
 }
 
 

@@ -16,6 +16,13 @@ Request lifecycle:
   the scheduler (its slot is free for the next step's admissions: continuous batching) and the
   engine (`free_resource`).
 
+Beam search (`Request.num_beams` > 1, model.serving.beams): a beam request holds a slot per beam;
+after its prefill and after every decode step the driver runs its beam step on the slots' most
+likely tokens, then forks the beams' slots (the scheduler's pages, the engine's state) so that each
+slot continues the beam it now holds. Its next step needs those tokens, so a step holding beams is
+collected before the next is dispatched (no pipelining while beams decode). A beam request
+delivers one Output when it ends: the best beam, its score and every finished beam.
+
 Outputs are delivered through the callback given to `submit`, from the thread that runs `step()`;
 each `Output` carries the new token ids, their logprobs and the new text. The driver never writes
 into a caller's `Request` (a request without a seed gets one in the scheduler's own record).
@@ -35,7 +42,8 @@ import jax
 
 from model.engine.api import Engine, PoolPrefix, Sampled
 from model.engine.sampling import SamplingParams
-from model.serving.output import Output, OutputStream, Result
+from model.serving.beams import BeamSearch
+from model.serving.output import Beam, Output, OutputStream, Result
 from model.serving.request import Request
 from model.serving.scheduler import PrefillBatch, PrefillChunk, Scheduled, Scheduler
 from model.text.tokenizer import Tokenizer
@@ -64,6 +72,7 @@ class Driver:
         self._streams: dict[str, tuple[OutputStream, OnOutput]] = {}  # by request id
         self._state = engine.init_decode_state()
         self._in_flight: tuple[Sampled, list[tuple[Scheduled, int] | None]] | None = None  # the last decode step
+        self._beams: dict[str, BeamSearch] = {}  # by request id: the beam requests decoding
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
@@ -132,10 +141,15 @@ class Driver:
         admission still owns the slot, so a request that finished, was cancelled or was preempted in
         between costs one wasted slot-step (a preempted one recomputes that token)."""
         self.last_step_at = time.monotonic()
+        if self._in_flight is not None and any(o is not None and o[0].beams > 1 for o in self._in_flight[1]):
+            self._collect(self._in_flight)  # beams fork on its tokens before the next step runs
+            self._in_flight = None
         with self._lock:
             plan = self._scheduler.schedule()
         for slot in plan.freed_slots:
             self.engine.free_resource(slot)
+        for s in plan.cancelled + plan.preempted:  # a preempted beam request starts its search again
+            self._beams.pop(s.request_id, None)
         for s in plan.cancelled:
             self._deliver(s, self._stream(s).end("cancelled"))
         self.stats["preemptions"] = self._scheduler.preemptions
@@ -153,11 +167,24 @@ class Driver:
             self._in_flight = (out, owners)
             self.stats["decode_steps"] += 1
         if previous is not None:
-            out, owners = previous
-            tokens, logprobs = jax.device_get((out.tokens, out.logprobs))
-            for slot, owner in enumerate(owners):
-                if owner is not None and owner[0].slot == slot and owner[0].admission == owner[1]:
-                    self._accept(owner[0], int(tokens[slot]), float(logprobs[slot]))
+            self._collect(previous)
+
+    def _collect(self, step: tuple[Sampled, list[tuple[Scheduled, int] | None]]) -> None:
+        """Hand out a decode step's tokens to the admissions that still own their slots; beam
+        requests take a beam step each on their slots' candidates, and fork."""
+        out, owners = step
+        tokens, logprobs, top_tokens, top_logprobs = jax.device_get(
+            (out.tokens, out.logprobs, out.top_tokens, out.top_logprobs))
+        forks, copies = [], []
+        for slot, owner in enumerate(owners):
+            if owner is None or owner[0].admission != owner[1] or slot not in owner[0].slots:
+                continue
+            s = owner[0]
+            if s.beams == 1:
+                self._accept(s, int(tokens[slot]), float(logprobs[slot]))
+            elif slot == s.slot:  # once per beam request, over all its slots
+                self._beam_step(s, top_tokens[s.slots], top_logprobs[s.slots], forks, copies)
+        self._fork(forks, copies)
 
     def _prefill(self, batch: PrefillBatch) -> None:
         admitted_at = time.monotonic()
@@ -169,9 +196,7 @@ class Driver:
         self.stats["prefill_rows"] += len(batch.requests)
         if self.on_prefill is not None:
             self.on_prefill(batch.bucket, [admitted_at - s.submitted_at for s in batch.requests])
-        tokens, logprobs = jax.device_get((prefix.tokens, prefix.logprobs))
-        for row, s in enumerate(batch.requests):
-            self._accept(s, int(tokens[row]), float(logprobs[row]))
+        self._first_tokens(prefix, batch.requests)
 
     def _prefill_chunk(self, chunk: PrefillChunk) -> None:
         """One chunk of a long prompt into its slot's pages; the last one samples its first token."""
@@ -185,8 +210,52 @@ class Driver:
         if chunk.final:
             if self.on_prefill is not None:
                 self.on_prefill(0, [time.monotonic() - s.submitted_at])
-            tokens, logprobs = jax.device_get((prefix.tokens, prefix.logprobs))  # whole: indexing a device array compiles
-            self._accept(s, int(tokens[0]), float(logprobs[0]))
+            self._first_tokens(prefix, [s])
+
+    def _first_tokens(self, prefix, requests: Sequence[Scheduled]) -> None:
+        """Each prefilled request's first token (row r is requests[r]); a beam request starts its
+        search from its one row."""
+        # Whole arrays: indexing a device array compiles.
+        tokens, logprobs, top_tokens, top_logprobs = jax.device_get(
+            (prefix.tokens, prefix.logprobs, prefix.top_tokens, prefix.top_logprobs))
+        forks, copies = [], []
+        for row, s in enumerate(requests):
+            if s.beams == 1:
+                self._accept(s, int(tokens[row]), float(logprobs[row]))
+                continue
+            r = s.request
+            self._beams[r.request_id] = BeamSearch(r.num_beams, r.max_tokens, self.engine.eos_token_id, r.min_tokens,
+                                                   r.length_penalty, r.early_stopping)
+            self._beam_step(s, top_tokens[[row]], top_logprobs[[row]], forks, copies)
+        self._fork(forks, copies)
+
+    def _beam_step(self, s: Scheduled, top_tokens, top_logprobs, forks: list, copies: list) -> None:
+        """One step of `s`'s beam search over its running beams' candidates (row i: the beam in
+        s.slots[i]); adds the forks and page copies its new beams need, or ends it."""
+        search = self._beams[s.request_id]
+        parents = search.step(top_tokens, top_logprobs)
+        self.stats["beam_steps"] += 1
+        if search.done:
+            self._end_beams(s, search)
+            return
+        with self._lock:
+            copies += self._scheduler.fork_beams(s, parents)
+        forks += [(slot, s.slots[p], beam.tokens[-1]) for slot, p, beam in zip(s.slots, parents, search.running)]
+
+    def _fork(self, forks: list, copies: list) -> None:
+        if forks:
+            self._state = self.engine.fork(self._state, forks, copies)
+
+    def _end_beams(self, s: Scheduled, search: BeamSearch) -> None:
+        """A beam search has ended: its best beam, score and every finished beam, in one Output."""
+        eos = self.engine.eos_token_id
+        beams = [Beam(h.tokens, h.logprobs, self.tokenizer.decode([t for t in h.tokens if t != eos]), float(h.score))
+                 for h in search.finished]
+        best = beams[0]
+        self.stats["tokens_out"] += len(best.token_ids)
+        self._end(s)
+        self._deliver(s, Output(s.request_id, best.token_ids, best.logprobs, best.text, True,
+                                "stop" if best.token_ids[-1] == eos else "length", score=best.score, beams=beams))
 
     def _accept(self, s: Scheduled, token: int, logprob: float) -> None:
         s.generated.append(token)
@@ -200,11 +269,12 @@ class Driver:
         return self._streams[s.request_id][0]
 
     def _end(self, s: Scheduled) -> None:
-        """`s` has ended: the scheduler frees its slot, the engine what it held there."""
-        slot = s.slot
+        """`s` has ended: the scheduler frees its slots, the engine what it held there."""
+        slots = list(s.slots)
         with self._lock:
             self._scheduler.finish(s)
-        if slot is not None:
+        self._beams.pop(s.request_id, None)
+        for slot in slots:
             self.engine.free_resource(slot)
 
     def _deliver(self, s: Scheduled, out: Output) -> None:

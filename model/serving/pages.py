@@ -67,7 +67,12 @@ class PagePool:
     sequence every cached page of its longest cached prefix (shared, reference-counted), so only
     the rest is prefilled. A page nobody holds any more stays cached, evictable, and is reused
     least recently released first when no free page is left. Shared pages are full and before
-    every position a sequence writes, so sharing never needs a copy."""
+    every position a sequence writes, so sharing never needs a copy.
+
+    Beam search (`fork`): the beams of a request share every full page of their common history;
+    each holds its own last, partial page, a copy of its parent's when two beams continue one.
+    Pages `reserve`d are kept back from everyone else (a beam request's first fork needs a page
+    per beam beyond the first)."""
 
     def __init__(self, layout: PageLayout, slots: int, prefix_caching: bool = False):
         self.layout = layout
@@ -80,11 +85,12 @@ class PagePool:
         self._cache: dict[tuple, CachedPage] = {}  # (previous CachedPage | None, tokens) -> page
         self._cached_of: dict[int, CachedPage] = {}  # page -> its entry
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, held by nobody
+        self._reserved = 0  # pages promised (`reserve`), not yet taken
 
     @property
     def pages_free(self) -> int:
-        """Pages a sequence can take: free ones and cached ones nobody holds."""
-        return len(self._free) + len(self._evictable)
+        """Pages a sequence can take: free ones and cached ones nobody holds, less those reserved."""
+        return len(self._free) + len(self._evictable) - self._reserved
 
     @property
     def pages_used(self) -> int:
@@ -135,15 +141,16 @@ class PagePool:
                 previous = entry
         return found
 
-    def admit(self, slot: int, tokens: list[int], shared: list[int] | None = None) -> int | None:
+    def admit(self, slot: int, tokens: list[int], shared: list[int] | None = None, reserve: int = 0) -> int | None:
         """Pages for a new sequence of `tokens` in empty `slot`, plus its first decode token: every
         cached page of its longest cached prefix, shared (never the page of its last token, which
-        must be computed for its logits), and new pages for the rest. Returns how many tokens the
-        shared pages hold, or None (nothing taken) when the rest does not fit. `shared`: the
-        prefix's pages when the caller has just looked them up (`cached_prefix`)."""
+        must be computed for its logits), and new pages for the rest; and `reserve` more pages kept
+        back for it (`reserve`). Returns how many tokens the shared pages hold, or None (nothing
+        taken) when the rest does not fit. `shared`: the prefix's pages when the caller has just
+        looked them up (`cached_prefix`); [] shares nothing."""
         shared = self.cached_prefix(tokens) if shared is None else shared
         reusable = sum(1 for p in shared if self._refs[p] == 0)  # evictable now, not once shared
-        if self.layout.pages_for(len(tokens) + 1) - len(shared) > self.pages_free - reusable:
+        if self.layout.pages_for(len(tokens) + 1) - len(shared) + reserve > self.pages_free - reusable:
             return None
         for i, p in enumerate(shared):
             self._refs[p] += 1
@@ -152,7 +159,52 @@ class PagePool:
         self._held[slot] = len(shared)
         allocated = self.allocate(slot, len(tokens) + 1)  # fits: counted above
         assert allocated
+        self._reserved += reserve
         return len(shared) * self.layout.page_size
+
+    def unreserve(self, pages: int) -> None:
+        """Give back `pages` reserved pages (to be taken now, or by anyone)."""
+        if not 0 <= pages <= self._reserved:
+            raise ValueError(f"unreserving {pages} pages; {self._reserved} are reserved")
+        self._reserved -= pages
+
+    def fork(self, slots: list[int], parents: list[int], length: int) -> list[tuple[int, int]]:
+        """Beam search: the sequence in slots[j] becomes a copy of the `length`-token sequence in slot
+        parents[j] (each parent one of `slots`; any may have several children, or none). Each
+        shares its parent's full pages; the parent's page of position `length`, if it holds one, goes
+        to its first child, and every other child gets a new page, a copy of it when it is partial.
+        Returns the copies the device must make, [(source page, new page)]. Pages no beam holds any
+        more are freed first, so a fork needs new pages only for beams beyond their parents' count:
+        pages the caller has kept free (a request's first fork: `reserve`)."""
+        page, tail = self.layout.page_size, length // self.layout.page_size
+        before = {s: self.pages_of(s) for s in slots}
+        rows, needs_page, inherited = [], [], set()
+        for j, p in enumerate(parents):
+            row = before[p][:tail]
+            if len(before[p]) > tail:  # the parent holds the page `length` is written to
+                if p in inherited:
+                    needs_page.append(j)
+                else:
+                    row.append(before[p][tail])
+                    inherited.add(p)
+            rows.append(row)
+        for row in rows:
+            for pg in row:
+                self._refs[pg] += 1
+        for s in slots:
+            for pg in before[s]:
+                self._release_page(pg)
+        copies = []
+        for j in needs_page:
+            rows[j].append(self._take())
+            if length % page:
+                copies.append((before[parents[j]][tail], rows[j][-1]))
+        for s, row in zip(slots, rows):
+            self.table[s] = TRASH_PAGE
+            self.table[s, : len(row)] = row
+            self._held[s] = len(row)
+            self.lengths[s] = length
+        return copies
 
     def register(self, slot: int, tokens: list[int]) -> None:
         """Cache slot `slot`'s full pages whose tokens are `tokens` (its sequence from position 0, as
@@ -175,15 +227,19 @@ class PagePool:
         stays cached, evictable."""
         held = int(self._held[slot])
         for p in (int(p) for p in self.table[slot, :held][::-1]):
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                if p in self._cached_of:
-                    self._evictable[p] = None
-                else:
-                    self._free.append(p)
+            self._release_page(p)
         self.table[slot] = TRASH_PAGE
         self._held[slot] = 0
         self.lengths[slot] = 0
+
+    def _release_page(self, p: int) -> None:
+        """One holder fewer for page `p`: free (or cached, evictable) when it was the last."""
+        self._refs[p] -= 1
+        if self._refs[p] == 0:
+            if p in self._cached_of:
+                self._evictable[p] = None
+            else:
+                self._free.append(p)
 
     def pages_of(self, slot: int) -> list[int]:
         return self.table[slot, : int(self._held[slot])].tolist()

@@ -61,6 +61,7 @@ class Limits:
     max_total_length: int  # prompt + max_tokens must fit in this many positions
     kv_capacity_tokens: int | None = None  # the whole KV page pool; a longer sequence could never run
     max_beams: int = 1  # the most beams a request may search with
+    kv_page_size: int = 1  # tokens per KV page (how many pages a beam request's divergent beams can take)
 
     @property
     def max_prompt_length(self) -> int:
@@ -131,6 +132,15 @@ class Limits:
             raise RequestRejected(f"length_penalty must be a finite number, got {r.length_penalty}", "length_penalty")
         if r.num_beams == 1:
             return
+        if self.kv_capacity_tokens is not None:
+            page, prompt = self.kv_page_size, len(r.prompt_ids)
+            shared = prompt // page  # the prompt's full pages, which every beam shares
+            pages = shared + r.num_beams * (-(-(prompt + r.max_tokens) // page) - shared)
+            if pages * page > self.kv_capacity_tokens:
+                raise RequestRejected(
+                    f"{r.num_beams} beams of prompt ({prompt} tokens) + max_tokens ({r.max_tokens}) can take "
+                    f"{pages * page} tokens of KV pages; the KV cache holds {self.kv_capacity_tokens} in all",
+                    "max_tokens")
         for field, bad in (("temperature", r.temperature != 0), ("stop", bool(r.stop)),
                            ("stop_token_ids", bool(r.stop_token_ids))):
             if bad:

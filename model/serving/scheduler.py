@@ -19,6 +19,10 @@ not yet applied. Each step the driver asks it for a `StepPlan`:
      Requests of other buckets wait for a later step, so one prefill never mixes buckets and a long
      prompt never waits behind a stream of short ones for more than the steps it takes their bucket
      to drain.
+     A beam request takes a slot per beam: its prompt is prefilled into the first, and the
+     driver's first beam step forks it into the others (pages of the prompt shared, one page per
+     beam beyond the first reserved for it at admission); its beams grow, are preempted (all
+     together, to start again) and end together;
   4. chunked prefill (when the engine has `prefill_chunk_tokens` C): C is the step's prefill token
      budget (vLLM's max_num_batched_tokens, less the decode tokens). A prompt longer than C is
      admitted alone, takes its slot and all its pages, and is prefilled C tokens per step, each chunk
@@ -57,7 +61,9 @@ class Scheduled:
     seed: int  # the request's seed, or a fresh random one (the request itself is never written)
     submitted_at: float
     bucket: int  # the prefill bucket of `tokens` (0: it is prefilled in chunks)
-    slot: int | None = None  # its decode slot once admitted
+    slot: int | None = None  # its decode slot once admitted (a beam request's first)
+    slots: list[int] = dataclasses.field(default_factory=list)  # every slot it holds: one per beam
+    reserved: int = 0  # pages kept back for its first beam fork
     admission: int | None = None  # when it was last admitted (an increasing count): youngest = largest
     generated: list[int] = dataclasses.field(default_factory=list)  # tokens delivered so far
     preemptions: int = 0
@@ -69,8 +75,13 @@ class Scheduled:
 
     @property
     def tokens(self) -> list[int]:
-        """What its next prefill runs: the prompt, plus what it generated before a preemption."""
+        """What its next prefill runs: the prompt, plus what it generated before a preemption (a beam
+        request's beams live in the driver's BeamSearch; a preempted one starts again)."""
         return list(self.request.prompt_ids) + self.generated
+
+    @property
+    def beams(self) -> int:
+        return self.request.num_beams
 
 
 @dataclasses.dataclass
@@ -150,17 +161,17 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         cancelled, self._cancelled = self._cancelled, set()
-        in_order = list(self._waiting) + [s for s in self._slots if s is not None]  # queue order, then slots
+        in_order = list(self._waiting) + self._holding()  # queue order, then slots
         ended = [s for s in in_order if s.request_id in cancelled]
-        freed = [s.slot for s in ended if s.slot is not None]
+        freed = [slot for s in ended for slot in s.slots]
         for s in ended:
             self.finish(s)
         preempted = self._grow()
         freed += [slot for _, slot in preempted]
         if preempted:  # the pool is full: nothing new starts this step (a chunk in progress goes on)
             chunk = self._next_chunk() if self._chunking is not None else None
-            return StepPlan(cancelled=ended, preempted=[s for s, _ in preempted], freed_slots=freed, prefill=None,
-                            chunk=chunk)
+            return StepPlan(cancelled=ended, preempted=list(dict.fromkeys(s for s, _ in preempted)), freed_slots=freed,
+                            prefill=None, chunk=chunk)
         chunk = self._next_chunk()
         return StepPlan(cancelled=ended, preempted=[], freed_slots=freed, prefill=None if chunk else self._admit(),
                         chunk=chunk)
@@ -177,17 +188,17 @@ class Scheduler:
         s = self._chunking
         if s is None:
             free = [i for i, owner in enumerate(self._slots) if owner is None]
-            if not self._waiting or not free:
+            if not self._waiting or len(free) < self._waiting[0].beams:
                 return None
             s = self._waiting[0]
             shared = self.pages.cached_prefix(s.tokens)
             if s.bucket != 0 and not shared:  # a whole-prompt prefill (`_admit`)
                 return None
-            cached = self.pages.admit(free[0], s.tokens, shared)
+            cached = self.pages.admit(free[0], s.tokens, shared, reserve=s.beams - 1)
             if cached is None:
                 return None
             self._waiting.popleft()
-            self._seat(s, free[0], cached)
+            self._seat(s, free[: s.beams], cached)
             s.prefilled = cached
             self._chunking = s
         start = s.prefilled
@@ -205,10 +216,11 @@ class Scheduler:
         none is free; returns the preempted requests with the slots they left."""
         preempted = []
         for s in sorted(self._decoding(), key=lambda s: s.admission):
-            while s.slot is not None and not self.pages.allocate(s.slot, int(self.pages.lengths[s.slot]) + 1):
-                victim = max(self._decoding(), key=lambda d: d.admission)
-                preempted.append((victim, victim.slot))
-                self._preempt(victim)
+            for slot in list(s.slots):
+                while s.slot is not None and not self.pages.allocate(slot, int(self.pages.lengths[slot]) + 1):
+                    victim = max(self._decoding(), key=lambda d: d.admission)
+                    preempted += [(victim, held) for held in victim.slots]
+                    self._preempt(victim)
         return preempted
 
     def _preempt(self, s: Scheduled) -> None:
@@ -226,14 +238,18 @@ class Scheduler:
         if bucket == 0:  # the oldest needs chunking: it starts when the chunk in flight is done
             return None
         limit = min(len(free), self.max_prefill_batch, max(self.chunk // bucket, 1) if self.chunk else len(free))
-        batch = []
+        batch, taken = [], 0
         for s in [s for s in self._waiting if s.bucket == bucket][:limit]:
-            slot = free[len(batch)]
-            if not self.pages.allocate(slot, len(s.tokens) + 1):  # the prompt and the first decode step's token
+            if taken + s.beams > len(free):
+                break
+            slot = free[taken]
+            # The prompt and the first decode step's token, and a page per beam beyond the first.
+            if self.pages.admit(slot, s.tokens, [], reserve=s.beams - 1) is None:
                 break
             self.pages.lengths[slot] = len(s.tokens)
             self.pages.register(slot, s.tokens)  # written by this step's prefill, before anyone reads them
-            self._seat(s, slot, 0)
+            self._seat(s, free[taken : taken + s.beams], 0)
+            taken += s.beams
             batch.append(s)
         if not batch:
             return None
@@ -241,11 +257,14 @@ class Scheduler:
         self._waiting = collections.deque(s for s in self._waiting if id(s) not in taken)
         return PrefillBatch(bucket, batch, [s.slot for s in batch])
 
-    def _seat(self, s: Scheduled, slot: int, cached: int) -> None:
-        """`s` is admitted into `slot` (its pages taken already, `cached` of its tokens from the cache)."""
-        s.slot, s.admission = slot, self._admissions
+    def _seat(self, s: Scheduled, slots: list[int], cached: int) -> None:
+        """`s` is admitted into `slots` (one per beam; the first's pages taken already, `cached` of its
+        tokens from the cache, and a page per other beam reserved)."""
+        s.slot, s.slots, s.admission = slots[0], list(slots), self._admissions
+        s.reserved = len(slots) - 1
         self._admissions += 1
-        self._slots[slot] = s
+        for slot in slots:
+            self._slots[slot] = s
         self.prefix_cache_queries += len(s.tokens)
         self.prefix_cache_hits += cached
 
@@ -256,17 +275,30 @@ class Scheduler:
         if s is self._chunking:
             self._chunking = None
         self.pages.register(s.slot, s.tokens[:written])
-        self.pages.free(s.slot)
-        self._slots[s.slot] = None
-        s.slot = None
+        self.pages.unreserve(s.reserved)
+        for slot in s.slots:
+            self.pages.free(slot)
+            self._slots[slot] = None
+        s.slot, s.slots, s.reserved = None, [], 0
+
+    def fork_beams(self, s: Scheduled, parents: list[int]) -> list[tuple[int, int]]:
+        """After a beam step of `s`: the beam in s.slots[j] continues the beam in s.slots[parents[j]].
+        Returns the page copies the engine must make (model.serving.pages.PagePool.fork)."""
+        self.pages.unreserve(s.reserved)  # the first fork takes them
+        s.reserved = 0
+        return self.pages.fork(s.slots, [s.slots[p] for p in parents], int(self.pages.lengths[s.slot]))
 
     def decoded(self) -> None:
         """A decode step ran for every occupied slot: each sequence holds one more token."""
         for s in self._decoding():
-            self.pages.lengths[s.slot] += 1
+            self.pages.lengths[s.slots] += 1
+
+    def _holding(self) -> list[Scheduled]:
+        """Every request holding slots, once each, by its first slot."""
+        return list(dict.fromkeys(s for s in self._slots if s is not None))
 
     def _decoding(self) -> list[Scheduled]:
-        return [s for s in self._slots if s is not None and s is not self._chunking]
+        return [s for s in self._holding() if s is not self._chunking]
 
     # -- requests out ---------------------------------------------------------------------------
 
@@ -280,7 +312,7 @@ class Scheduler:
 
     def drain(self) -> list[Scheduled]:
         """Remove every waiting and decoding request (the engine cannot go on); returns them."""
-        everyone = list(self._waiting) + [s for s in self._slots if s is not None]
+        everyone = list(self._waiting) + self._holding()
         for s in everyone:
             self.finish(s)
         return everyone
@@ -294,7 +326,7 @@ class Scheduler:
 
     @property
     def decoding_slots(self) -> int:
-        return len(self._decoding())
+        return sum(len(s.slots) for s in self._decoding())
 
     @property
     def active_slots(self) -> int:

@@ -229,8 +229,9 @@ def test_config_validation_names_the_problem(loaded):
 def test_limits_pages_and_buckets(engine, loaded):
     from model.serving.request import Limits
 
-    assert engine.limits == Limits(loaded.cfg.real_vocab_size, (8, 16, 32), 64, kv_capacity_tokens=32 * 8)
-    assert engine.max_prefill_batch == 4 and engine.samples_per_slot == 1
+    assert engine.limits == Limits(loaded.cfg.real_vocab_size, (8, 16, 32), 64, kv_capacity_tokens=32 * 8, max_beams=4,
+                                   kv_page_size=8)
+    assert engine.max_prefill_batch == 4 and engine.top_candidates == 9
     # On CPU the pool is the dense equivalent (no device memory to size it from): it never runs out,
     # so nothing is ever recomputed and prefill takes the prompt buckets only.
     assert (engine.page_layout.page_size, engine.page_layout.num_pages, engine.page_layout.pages_per_seq) == (8, 32, 8)
