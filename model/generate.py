@@ -3,12 +3,16 @@
     python -m model.generate --checkpoint PATH_OR_PRESET (--prompt TEXT | --prompt-ids 1,2,3 |
         --prompts-file F.jsonl) --max-tokens N [--temperature T] [--top-k K] [--top-p P] [--seed S]
         [--dtype float32|bfloat16] [--mesh 1|2|4] [--quantize int8] [--kv-cache-dtype int8]
-        [--stop-at-eos] [--json]
+        [--stop-at-eos] [--num-beams N [--length-penalty A]] [--min-tokens M] [--json]
 
 With --json: one JSON object per prompt, one per line, in input order:
     {"prompt_ids": [...], "token_ids": [...], "logprobs": [...], "text": "..."}
 `logprobs[i]` is the natural-log probability of `token_ids[i]` under the model's own distribution
 (log-softmax of the raw logits over the real vocabulary), whatever the sampling settings.
+With --num-beams N > 1: beam search by transformers' rules (early stopping, --length-penalty,
+--min-tokens, EOS always ends a beam); `token_ids` and `text` are the best beam's (token_ids with EOS
+when the beam ended on it, text without it), and the line adds "score" (transformers'
+`sequences_scores`) and "beams": every finished beam, best first, as {"token_ids", "text", "score"}.
 A prompts file has one JSON object per line, {"prompt": "..."} or {"prompt_ids": [...]}, each
 optionally with its own "max_tokens"; all its prompts are generated as one batch.
 Temperature 0 means greedy. Generation stops only at max tokens unless --stop-at-eos.
@@ -66,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="int8: KV cache in int8 with a scale per token and head")
     p.add_argument("--stop-at-eos", action="store_true", help="stop a prompt at <|endoftext|>")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default 1: none)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: a finished beam scores sum(logprobs) / length ** A (default 1.0)")
+    p.add_argument("--min-tokens", type=int, default=0, help="EOS cannot end a prompt before M tokens (default 0)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     return p
 
@@ -96,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = ckpt.tokenizer_for(args.checkpoint)
         prompts = [e["prompt_ids"] if "prompt_ids" in e else tokenizer.encode(e["prompt"]) for e in entries]
         max_tokens = [int(e.get("max_tokens", args.max_tokens)) for e in entries]
-        config = cli_engine_config(loaded.cfg, prompts, max_tokens, args.kv_cache_dtype)
+        config = cli_engine_config(loaded.cfg, prompts, max_tokens, args.kv_cache_dtype, args.num_beams)
         engine = PagedEngine(loaded.weights, loaded.cfg, config, mesh)
         requests = [
             Request(prompt_ids=p, max_tokens=n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed, stop_at_eos=args.stop_at_eos)
+                    seed=args.seed, stop_at_eos=args.stop_at_eos, num_beams=args.num_beams,
+                    length_penalty=args.length_penalty, min_tokens=args.min_tokens)
             for p, n in zip(prompts, max_tokens)
         ]
         results = Driver(engine, tokenizer).generate(requests)  # checks every request before running any
@@ -110,16 +119,20 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in results:
         if args.json:
-            print(json.dumps({"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "logprobs": r.logprobs,
-                              "text": r.text}, ensure_ascii=False))
+            line = {"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "logprobs": r.logprobs, "text": r.text}
+            if r.beams is not None:
+                line["score"] = r.score
+                line["beams"] = [{"token_ids": b.token_ids, "text": b.text, "score": b.score} for b in r.beams]
+            print(json.dumps(line, ensure_ascii=False))
         else:
             print(tokenizer.decode(r.prompt_ids) + r.text)
     return 0
 
 
-def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int], kv_cache_dtype: str = "auto"):
-    """One batch, every prompt in one slot: a single prompt bucket (a power of two) that holds the
-    longest prompt, and a cache just long enough for the longest prompt + max_tokens."""
+def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int], kv_cache_dtype: str = "auto",
+                      num_beams: int = 1):
+    """One batch, every prompt in `num_beams` slots: a single prompt bucket (a power of two) that
+    holds the longest prompt, and a cache just long enough for the longest prompt + max_tokens."""
     from model.engine.paged import EngineConfig
 
     longest = max(len(p) for p in prompts)
@@ -129,8 +142,10 @@ def cli_engine_config(cfg, prompts: list[list[int]], max_tokens: list[int], kv_c
     need = max(len(p) + n for p, n in zip(prompts, max_tokens))
     cache_len = min(cfg.n_positions, max(need, min(bucket, cfg.n_positions)))
     bucket = min(bucket, cache_len)
-    return EngineConfig(prompt_buckets=(bucket,), batch_buckets=(len(prompts),), slots=len(prompts),
-                        max_cache_len=cache_len, kv_cache_dtype=kv_cache_dtype)
+    if num_beams < 1:
+        raise ValueError(f"--num-beams must be at least 1, got {num_beams}")
+    return EngineConfig(prompt_buckets=(bucket,), batch_buckets=(len(prompts),), slots=len(prompts) * num_beams,
+                        max_cache_len=cache_len, kv_cache_dtype=kv_cache_dtype, max_beams=num_beams)
 
 
 if __name__ == "__main__":
