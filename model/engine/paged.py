@@ -244,7 +244,7 @@ class StepOutput:
 
 def _sampling_specs(row) -> SamplingParams:
     return SamplingParams(temperature=row(jnp.float32), top_k=row(jnp.int32), top_p=row(jnp.float32),
-                          seed=row(jnp.int32))
+                          seed=row(jnp.int32), wants_candidates=row(jnp.bool_))
 
 
 def _constrain(tree, specs, mesh):
@@ -288,7 +288,7 @@ def _prefill_rows(weights: Weights, tokens, lengths, steps, params: SamplingPara
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
     scores = logits(weights, last)
     first, logprob = sample(scores, params, steps, cfg.real_vocab_size)
-    top_tokens, top_logprobs = top_candidates(scores, cfg.real_vocab_size, candidates)
+    top_tokens, top_logprobs = top_candidates(scores, params, cfg.real_vocab_size, candidates)
     return Prefix(cache=cache, tokens=first, logprobs=logprob, top_tokens=top_tokens, top_logprobs=top_logprobs,
                   steps=steps, params=params)
 
@@ -317,7 +317,7 @@ def _generate_impl(weights: Weights, state: DecodeState, block_tables, positions
                                    attention_impl=attention_impl, mesh=mesh)
     scores = logits(weights, hidden)
     tokens, logprobs = sample(scores, state.params, state.steps, cfg.real_vocab_size)
-    top_tokens, top_logprobs = top_candidates(scores, cfg.real_vocab_size, candidates)
+    top_tokens, top_logprobs = top_candidates(scores, state.params, cfg.real_vocab_size, candidates)
     new = DecodeState(pages=pages, tokens=tokens, steps=state.steps + 1, params=state.params)
     return _constrain(new, specs, mesh), StepOutput(tokens=tokens, logprobs=logprobs, top_tokens=top_tokens,
                                                     top_logprobs=top_logprobs)
@@ -643,5 +643,5 @@ def _padded(prompts: Sequence[Sequence[int]], rows: int, length: int) -> tuple[n
 def _pad_rows(params: SamplingParams, rows: int) -> SamplingParams:
     """Pad host sampling settings to `rows` rows with greedy, unfiltered settings."""
     n = len(params.temperature)
-    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0, wants_candidates=False)
     return jax.tree.map(lambda a, fill: np.pad(np.asarray(a), (0, rows - n), constant_values=fill), params, greedy)

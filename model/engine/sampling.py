@@ -32,15 +32,17 @@ class SamplingParams:
     top_k: jax.Array  # [B] int32; 0 means off
     top_p: jax.Array  # [B] float32; 1 means off
     seed: jax.Array  # [B] int32
+    wants_candidates: jax.Array  # [B] bool: the row's most likely tokens are read (beam search, top logprobs)
 
     @staticmethod
-    def host(temperature, top_k, top_p, seed) -> "SamplingParams":
+    def host(temperature, top_k, top_p, seed, wants_candidates=None) -> "SamplingParams":
         """From Python lists (one entry per row), as numpy arrays ready to pass to jit."""
         return SamplingParams(
             temperature=np.asarray(temperature, np.float32),
             top_k=np.asarray(top_k, np.int32),
             top_p=np.asarray(top_p, np.float32),
             seed=np.asarray(seed, np.int32),
+            wants_candidates=np.zeros(len(seed), bool) if wants_candidates is None else np.asarray(wants_candidates, bool),
         )
 
 
@@ -51,13 +53,23 @@ def chosen_logprobs(logits: jax.Array, tokens: jax.Array, real_vocab: int) -> ja
     return chosen - jax.nn.logsumexp(real, axis=-1)
 
 
-def top_candidates(logits: jax.Array, real_vocab: int, k: int) -> tuple[jax.Array, jax.Array]:
+def top_candidates(logits: jax.Array, params: SamplingParams, real_vocab: int, k: int) -> tuple[jax.Array, jax.Array]:
     """Each row's k most likely tokens under the model's own distribution (log-softmax of logits
     [B, V] over the real vocabulary), best first: (tokens [B, k] int32, logprobs [B, k] float32).
-    Beam search extends its beams from these, and top logprobs are reported from them."""
-    real = logits[:, :real_vocab].astype(jnp.float32)
-    best, tokens = jax.lax.top_k(real, k)
-    return tokens.astype(jnp.int32), best - jax.nn.logsumexp(real, axis=-1, keepdims=True)
+    Beam search extends its beams from these, and top logprobs are reported from them. Computed
+    only when some row `wants_candidates` (else tokens 0, logprobs -inf): rows that do not ask
+    pay nothing for the top-k."""
+
+    def best(logits):
+        real = logits[:, :real_vocab].astype(jnp.float32)
+        top, tokens = jax.lax.top_k(real, k)
+        return tokens.astype(jnp.int32), top - jax.nn.logsumexp(real, axis=-1, keepdims=True)
+
+    def nothing(logits):
+        rows = logits.shape[0]
+        return jnp.zeros((rows, k), jnp.int32), jnp.full((rows, k), -jnp.inf, jnp.float32)
+
+    return jax.lax.cond(jnp.any(params.wants_candidates), best, nothing, logits)
 
 
 def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -337,4 +337,4 @@ def _sampling_params(scheduled: Sequence[Scheduled]) -> SamplingParams:
     """Host sampling settings, a row per request, with each request's seed as the scheduler holds it."""
     reqs = [s.request for s in scheduled]
     return SamplingParams.host([r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
-                               [s.seed for s in scheduled])
+                               [s.seed for s in scheduled], [r.num_beams > 1 for r in reqs])
