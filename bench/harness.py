@@ -30,6 +30,43 @@ def logger(prefix: str) -> Callable[[str], None]:
     return log
 
 
+def print_row(row: dict, as_json: bool) -> None:
+    """One result row on stdout: a JSON object, or key=value pairs."""
+    print(json.dumps(row) if as_json else "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks of the engine alone or through the served app (bench.interference, bench.prefix)
+
+
+def add_backend_args(p) -> None:
+    """--backend engine|http and --join URL, on an argparse parser."""
+    p.add_argument("--backend", choices=["engine", "http"], default="engine",
+                   help="engine: the driver in this process; http: the served app over HTTP")
+    p.add_argument("--join", metavar="URL", help="with --backend http: deploy into the running Ray cluster whose "
+                   "Serve proxy is at URL (default: start a local cluster)")
+
+
+def check_backend_args(p, args) -> None:
+    """Refuse (p.error) what --backend / --join cannot do with the other flags."""
+    from model.nn.config import PRESETS
+
+    if args.join and args.backend != "http":
+        p.error("--join needs --backend http")
+    if args.backend == "http" and args.max_cache_len is None and args.checkpoint not in PRESETS:
+        p.error("--backend http needs --max-cache-len for a checkpoint that is not a preset (the context is "
+                "known here only for presets: the weights are loaded in the app, not in this process)")
+
+
+def served_context(checkpoint: str, max_cache_len: int | None) -> tuple[int, int]:
+    """(the sequence context, the model's positions) of a served run, known without loading the weights:
+    a preset's n_positions, or the --max-cache-len given (check_backend_args requires one otherwise)."""
+    from model.nn.config import PRESETS
+
+    n_positions = PRESETS[checkpoint].n_positions if checkpoint in PRESETS else max_cache_len
+    return max_cache_len or n_positions, n_positions
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 
@@ -75,17 +112,36 @@ def free_port() -> int:
 
 
 class LocalApp:
-    """A local Ray cluster with Serve's proxy on a free port; `deploy(args)` (re)deploys the app and
-    reports it through `log` (the calling CLI's)."""
+    """The app on a Ray cluster with Serve's proxy; `deploy(args)` (re)deploys it and reports it
+    through `log` (the calling CLI's), and `url` is where it answers.
 
-    def __init__(self, log: Callable[[str], None]):
+    By default the cluster is this process's own: started on enter (the host's CPUs, Serve's proxy
+    on a free port of 127.0.0.1), the app at "/", everything stopped on exit. With `join` (the base
+    URL of a running cluster's Serve proxy) the app goes into that cluster instead, the one this
+    process is connected to (a test session's: two clusters must never run at once on a shared
+    machine) or else the local one `ray.init(address="auto")` finds: deployed as `name` at /`name`,
+    beside whatever else runs there, and only it is deleted on exit."""
+
+    def __init__(self, log: Callable[[str], None], join: str | None = None, name: str | None = None):
+        from app.args import APP_NAME
+
         self.log = log
+        self.join = join
+        self.name = name or APP_NAME
+        self.route = f"/{self.name}" if join else "/"
+        self._connected = False  # whether __enter__ connected this process to a cluster it joins
 
     def __enter__(self) -> "LocalApp":
         import ray
         from ray import serve
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if self.join:
+            if not ray.is_initialized():
+                ray.init(address="auto")
+                self._connected = True
+            self.url = self.join.rstrip("/") + self.route
+            return self
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
         self.url = f"http://127.0.0.1:{free_port()}"
         serve.start(http_options={"host": "127.0.0.1", "port": int(self.url.rsplit(":", 1)[1])})
@@ -94,17 +150,23 @@ class LocalApp:
     def deploy(self, args: AppArgs) -> None:
         from ray import serve
 
-        from app.args import APP_NAME
         from app.builder import build_app
 
         start = time.perf_counter()
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        self.log(f"app deployed (batch_max_size={args.batch_max_size}) in {time.perf_counter() - start:.0f}s")
+        serve.run(build_app(args), name=self.name, route_prefix=self.route)
+        self.log(f"app deployed (batch_max_size={args.batch_max_size}, prefill_chunk_tokens="
+                 f"{args.prefill_chunk_tokens}) in {time.perf_counter() - start:.0f}s")
 
     def __exit__(self, *exc) -> None:
         import ray
         from ray import serve
 
+        if self.join:
+            if self.name in serve.status().applications:
+                serve.delete(self.name)
+            if self._connected:
+                ray.shutdown()
+            return
         serve.shutdown()
         ray.shutdown()
 
@@ -155,6 +217,14 @@ def replica_memory_mb(app_name: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------
 # The app's counters
+
+
+def replica_totals(url: str, *names: str) -> dict[str, int]:
+    """The app's /v1/stats counters `names`, each summed over its replicas."""
+    import httpx
+
+    replicas = httpx.get(f"{url}/v1/stats", timeout=30).json()["replicas"]
+    return {name: sum(r[name] or 0 for r in replicas) for name in names}
 
 
 def is_idle(stats: dict) -> bool:

@@ -2,7 +2,8 @@
 driver, and the same summary row for both (throughput, TTFT, TPOT).
 
 `bench.serve` runs it; a harness such as MLPerf LoadGen's can reuse `Workload`, `run_http`,
-`run_engine` and `summarize`.
+`run_engine` and `summarize`, and `bench.interference` / `bench.prefix` stream single requests with
+`stream_completion` (every token's arrival time).
 
 The workload: `requests` prompts of `prompt_tokens` random token ids (seeded), each asking for
 exactly `max_tokens` greedy tokens (`ignore_eos`), sent as `stream: true` completions. With
@@ -51,11 +52,24 @@ class Workload:
 
 @dataclasses.dataclass
 class Sample:
+    """One request as its client saw it: when it was sent and when each of its tokens arrived
+    (seconds from the run's start; the tokens of one event or output share its arrival time)."""
+
     sent: float
-    first: float | None = None
-    last: float | None = None
-    tokens: int = 0
+    times: list[float] = dataclasses.field(default_factory=list)
     error: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.times)
+
+    @property
+    def first(self) -> float | None:
+        return self.times[0] if self.times else None
+
+    @property
+    def last(self) -> float | None:
+        return self.times[-1] if self.times else None
 
 
 def summarize(system: str, workload: Workload, samples: list[Sample], seconds: float, **extra) -> dict:
@@ -77,12 +91,19 @@ def summarize(system: str, workload: Workload, samples: list[Sample], seconds: f
 # The served side: streaming HTTP clients
 
 
-async def _one_http(client, model: str, prompt: list[int], max_tokens: int, t0: float) -> Sample:
+async def stream_completion(client, model: str, prompt: list[int], max_tokens: int, t0: float,
+                            sample: Sample | None = None) -> Sample:
+    """One `stream: true` completion of exactly `max_tokens` greedy tokens (`ignore_eos`) through
+    `client` (an httpx.AsyncClient on the app's base URL), each token timestamped as its server-sent
+    event arrives. `sample`, when given, is filled as the tokens arrive, so the caller can watch it."""
     import httpx
 
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}
-    sample = Sample(sent=time.perf_counter() - t0)
+    sent = time.perf_counter() - t0
+    if sample is None:
+        sample = Sample(sent)
+    sample.sent = sent
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -98,9 +119,7 @@ async def _one_http(client, model: str, prompt: list[int], max_tokens: int, t0: 
                 n = len(event["choices"][0].get("token_ids") or ())
                 if n:
                     now = time.perf_counter() - t0
-                    sample.first = sample.first if sample.first is not None else now
-                    sample.last = now
-                    sample.tokens += n
+                    sample.times.extend(now for _ in range(n))
     except httpx.HTTPError as e:
         sample.error = f"{type(e).__name__}: {e}"
     return sample
@@ -113,7 +132,7 @@ async def run_http(url: str, model: str, workload: Workload) -> tuple[list[Sampl
     limits = httpx.Limits(max_connections=max(n, 64), max_keepalive_connections=max(n, 64))
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
-        one = lambda i: _one_http(client, model, workload.prompts[i], workload.max_tokens, t0)  # noqa: E731
+        one = lambda i: stream_completion(client, model, workload.prompts[i], workload.max_tokens, t0)  # noqa: E731
         samples: list[Sample | None] = [None] * n
         if workload.arrivals is None:
             todo = iter(range(n))
@@ -148,10 +167,7 @@ def run_engine(driver, workload: Workload) -> tuple[list[Sample], float]:
 
         def on_output(out, sample=sample, i=i):  # on the driver thread
             now = time.perf_counter() - t0
-            if out.token_ids:
-                sample.first = sample.first if sample.first is not None else now
-                sample.last = now
-                sample.tokens += len(out.token_ids)
+            sample.times.extend(now for _ in out.token_ids)
             if out.finished:
                 sample.error = out.error
                 finished.put(i)

@@ -41,7 +41,7 @@ import statistics
 import sys
 
 from app.args import AppArgs
-from bench.harness import LocalApp, app_args, logger
+from bench.harness import LocalApp, app_args, logger, replica_totals
 from bench.load import Workload, run_engine, run_http, summarize
 from model.nn.config import GPT2_VOCAB_SIZE
 
@@ -116,10 +116,8 @@ def emit(row: dict) -> None:
 
 def prefill_counts(url: str) -> tuple[int, int]:
     """(prefill batches, prefilled requests) so far, summed over the app's replicas."""
-    import httpx
-
-    replicas = httpx.get(f"{url}/v1/stats", timeout=30).json()["replicas"]
-    return sum(r["prefill_batches"] for r in replicas), sum(r["prefill_rows"] for r in replicas)
+    totals = replica_totals(url, "prefill_batches", "prefill_rows")
+    return totals["prefill_batches"], totals["prefill_rows"]
 
 
 def prefill_fields(batches: int, rows: int) -> dict:

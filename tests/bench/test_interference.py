@@ -1,13 +1,15 @@
-"""The bench.interference output contract: unchunked and chunked rows, alternated, measured after warm-up."""
+"""The bench.interference output contract: unchunked and chunked rows, measured after warm-up, by the
+engine in this process (alternated) and through the served app over HTTP (the session's Ray cluster)."""
 
+import argparse
 import json
 
 import pytest
 
 from bench import interference
 
-KEYS = {"chunked", "chunk", "median_step_ms", "max_gap_ms", "long_ttft_ms", "gaps_during_prefill", "prefill_chunks",
-        "compilations"}
+KEYS = {"backend", "chunked", "chunk", "median_step_ms", "max_gap_ms", "long_ttft_ms", "gaps_during_prefill",
+        "median_free_step_ms", "prefill_chunks", "compilations"}
 
 
 def test_unchunked_then_chunked_rows(capsys):
@@ -17,12 +19,21 @@ def test_unchunked_then_chunked_rows(capsys):
     assert [(r["chunked"], r["chunk"], r["repeat"]) for r in rows] == [(False, None, 0), (True, 32, 0),
                                                                         (False, None, 1), (True, 32, 1)]
     for r in rows:
-        assert KEYS <= set(r)
+        assert KEYS <= set(r) and r["backend"] == "engine"
         assert r["median_step_ms"] > 0 and r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0
         assert r["gaps_during_prefill"] >= 1 and r["compilations"] == 0
     # 60 tokens in chunks of 32: two chunk steps, each with a decode step, so a decoder gets tokens meanwhile
     assert [r["prefill_chunks"] for r in rows] == [0, 2, 0, 2]  # each run's own driver counts
-    assert rows[1]["gaps_during_prefill"] >= 2 and rows[3]["gaps_during_prefill"] >= 2
+    assert all(r["gaps_during_prefill"] >= 2 for r in rows if r["chunked"])
+
+
+def test_chunk_sizes_are_one_or_a_sweep_of_page_multiples():
+    assert interference.chunk_sizes("256") == (256,)
+    assert interference.chunk_sizes("64,128,256") == (64, 128, 256)
+    for bad, message in (("64,100", "multiples of the page size 16"), ("64,64", "repeats a chunk size"),
+                         ("64;128", "not a comma-separated list")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            interference.chunk_sizes(bad)
 
 
 def test_gaps_that_overlap_the_prefill_are_the_stall():
@@ -33,6 +44,7 @@ def test_gaps_that_overlap_the_prefill_are_the_stall():
     assert row["max_gap_ms"] == 5000.0 and row["long_ttft_ms"] == 4000.0
     assert row["gaps_during_prefill"] == 3  # a: 2-3, 3-8; b: 2.5-7 (b's 1.5-2.5 ends at the submit)
     assert row["median_step_ms"] == 1000.0  # of all 10 gaps
+    assert row["median_free_step_ms"] == 1000.0  # of the 7 that do not overlap the prefill
 
 
 def test_a_decoder_that_ends_before_the_first_token_is_refused():
@@ -44,3 +56,24 @@ def test_a_long_prompt_that_is_not_chunked_is_refused(capsys):
     with pytest.raises(SystemExit):
         interference.main(["--checkpoint", "tiny", "--long-prompt", "32", "--chunk", "32"])
     assert "--long-prompt 32 must be longer than --chunk 32" in capsys.readouterr().err
+
+
+def test_http_backend_measures_through_the_served_app(ray_cluster, capsys):
+    """Both settings deployed one after the other into the session's cluster, streamed over HTTP."""
+    from ray import serve
+
+    # 400 tokens per decoder: still decoding when the long prompt has crossed the serving layers and
+    # been prefilled (a decoder that ends first fails the run)
+    assert interference.main(["--checkpoint", "tiny", "--decoders", "2", "--long-prompt", "60", "--chunk", "32",
+                              "--new-tokens", "400", "--max-cache-len", "512", "--repeats", "1", "--backend", "http",
+                              "--join", ray_cluster, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["backend"], r["chunked"], r["chunk"], r["repeat"]) for r in rows] == [("http", False, None, 0),
+                                                                                   ("http", True, 32, 0)]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert r["median_step_ms"] > 0 and r["max_gap_ms"] > 0 and r["long_ttft_ms"] > 0
+        assert r["gaps_during_prefill"] >= 1 and r["compilations"] == 0
+        assert (r["decoders"], r["long_prompt"], r["new_tokens"], r["max_cache_len"]) == (2, 60, 400, 512)
+    assert [r["prefill_chunks"] for r in rows] == [0, 2]  # from the app's /v1/stats, this run's own
+    assert interference.HTTP_APP not in serve.status().applications  # deleted at the end, the cluster left up
