@@ -1,6 +1,7 @@
-"""What the benchmark CLIs and the tests share: a local Ray cluster serving the app, the app's args
-from a Serve config, its Serve replica processes and their memory, whether it is idle, percentiles,
-and progress lines.
+"""What the benchmark CLIs and the tests share: a local Ray cluster serving the app (or the app
+deployed into a running cluster), the app's args from a Serve config, the engine-or-served backend
+flags of bench.interference and bench.prefix, the app's Serve replica processes and their memory, its
+counters and whether it is idle, percentiles, progress lines and result rows.
 
 Only the standard library is imported at module level (Ray, httpx, psutil and the app are imported
 where they are used), so `bench.engine`, which runs where Ray is not installed, can use `logger`.
@@ -9,6 +10,7 @@ where they are used), so `bench.engine`, which runs where Ray is not installed, 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -158,6 +160,12 @@ class LocalApp:
                  f"{args.prefill_chunk_tokens}) in {time.perf_counter() - start:.0f}s")
 
     def __exit__(self, *exc) -> None:
+        # Ray's log monitor prints what the cluster says while it stops (the controller's shutdown
+        # retries) on stdout, which holds the calling CLI's results: send it to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            self._stop()
+
+    def _stop(self) -> None:
         import ray
         from ray import serve
 
