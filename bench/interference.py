@@ -1,5 +1,5 @@
 """Interference benchmark: how long the requests already decoding stall while one long prompt is
-prefilled, without and with chunked prefill, on the same weights in the same process.
+prefilled, without and with chunked prefill, on the same weights in one run.
 
     python -m bench.interference --checkpoint PATH_OR_PRESET --decoders 7 --long-prompt 1900 \\
         [--chunk 256 | --chunk 64,128,256,512] [--new-tokens 64] [--max-cache-len L] [--repeats 3] \\
