@@ -62,11 +62,14 @@ class AppArgs(BaseModel):
     )
 
     # -- the batcher -----------------------------------------------------------------------------
-    batch_max_size: int = Field(8, ge=1, description="largest prefill batch the batcher forms")
+    batch_max_size: int = Field(
+        8, ge=1, description="largest prefill batch the batcher forms, in sequences (a request counts one per beam)"
+    )
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
     max_pending_requests: int = Field(
         64, ge=1,
-        description="requests the batcher holds (forming a batch, waiting for a slot or decoding); more get 503",
+        description="sequences the batcher holds (forming a batch, waiting for a slot or decoding; a request counts "
+        "one per beam); a request that would take it beyond gets 503",
     )
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 for overload carries")
     stall_timeout_s: float = Field(
@@ -95,6 +98,10 @@ class AppArgs(BaseModel):
         None, ge=1, description="largest max_tokens a request may ask for (400 above it); None: what fits the context"
     )
     max_n: int = Field(8, ge=1, description="largest `n` (completions per prompt)")
+    saxml_tokenized: bool = Field(
+        False, description="/generate takes `query` as comma-separated token ids and answers each beam's token ids "
+        "the same way, as Saxml's GPTJ4Tokenized servables (TOKENIZED_INPUT / TOKENIZED_OUTPUT) did for MLPerf"
+    )
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="the environment variable holding the key HTTP clients must send as `Authorization: Bearer "

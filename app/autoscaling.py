@@ -8,6 +8,8 @@ through `record_autoscaling_stats` (Serve's custom autoscaling metrics), and thi
 
     replicas = sum of the running replicas' held requests / target_ongoing_requests
 
+(a beam search counts one per beam: its beams take that many decode slots)
+
 with `target_ongoing_requests` read as requests per replica (set it to the slot count: scale out
 when requests start to wait for a slot). Serve applies the rest of the autoscaling config around it
 (min/max replicas, upscale/downscale delays and factors). Until a replica has reported (it just

@@ -2,13 +2,15 @@
 
 Batching. The engine pads each prompt to the smallest prompt bucket that holds it, and one prefill
 runs one bucket, so requests are grouped by bucket. A group goes to a model replica when it holds
-`batch_max_size` requests, or `batch_wait_ms` after its first request arrived, whichever comes first
+`batch_max_size` sequences (a request counts one per beam: a beam search of 4 takes 4 decode slots),
+or `batch_wait_ms` after its first request arrived, whichever comes first
 (Saxml's batch wait). The whole group travels as one call, and the replica submits it to its engine
 in one piece, so it is prefilled as one batch. Decoding is continuous inside the replica: a batch
 joins the running slots without waiting for them, and its requests leave one by one as they finish.
 
-Admission control. The batcher holds at most `max_pending_requests` requests (forming a batch,
-waiting for a slot, or decoding). Beyond that a request is refused at once: its stream is a single
+Admission control. The batcher holds at most `max_pending_requests` sequences (forming a batch,
+waiting for a slot, or decoding; a request counts one per beam, as it will hold that many decode
+slots). A request that would take it beyond is refused at once: its stream is a single
 error chunk marked `overloaded`, which the ingress turns into `Overloaded` (HTTP 503 with
 Retry-After). A chunk, not an exception: Serve logs every exception raised across a deployment
 boundary with its traceback, which under overload meant hundreds of tracebacks a second, written
@@ -64,6 +66,11 @@ class _Pending:
     done: bool = False  # its last chunk went out, or its client left
 
 
+def sequences(request: Request) -> int:
+    """The decode slots `request` will hold: one per beam."""
+    return request.num_beams
+
+
 @dataclasses.dataclass(eq=False)
 class _Batch:
     members: dict[str, _Pending]
@@ -83,7 +90,7 @@ class Batcher:
         self._args = args
         self._forming: dict[int, list[_Pending]] = {}  # prompt bucket -> requests waiting for their batch
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._held = 0  # requests admitted and not yet done
+        self._held = 0  # sequences (a request's beams) admitted and not yet done
         self._tasks: set[asyncio.Task] = set()
         self._counts = collections.Counter(batches=0, batched_requests=0, rejected=0)
         self._metrics = BatcherMetrics()
@@ -91,16 +98,17 @@ class Batcher:
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         """Stream one request's chunks, starting with an `admitted` one at once (so the ingress can
         answer a stream before a decode slot is free); a single `overloaded` error chunk instead when
-        `max_pending_requests` are held already."""
-        if self._held >= self._args.max_pending_requests:
+        its sequences would take the held ones beyond `max_pending_requests`."""
+        held = sequences(request)
+        if self._held + held > self._args.max_pending_requests:
             self._counts["rejected"] += 1
             self._metrics.rejected.inc()
             yield Chunk(request.request_id, finish_reason="error", error_status=503, overloaded=True, error=(
-                f"the server holds {self._held} requests (max_pending_requests={self._args.max_pending_requests}); "
-                "retry later"))
+                f"the server holds {self._held} sequences and this request needs {held} "
+                f"(max_pending_requests={self._args.max_pending_requests}); retry later"))
             return
         pending = _Pending(request)
-        self._held += 1
+        self._held += held
         self._metrics.pending.set(self._held)
         try:
             self._enqueue(pending)
@@ -110,7 +118,7 @@ class Batcher:
                 pending.done = chunk.finished
                 yield chunk
         finally:
-            self._held -= 1
+            self._held -= held
             self._metrics.pending.set(self._held)
             if not pending.done:
                 self._abandon(pending)
@@ -126,7 +134,7 @@ class Batcher:
         bucket = self._bucket(len(pending.request.prompt_ids))
         group = self._forming.setdefault(bucket, [])
         group.append(pending)
-        if len(group) >= self._args.batch_max_size:
+        if sum(sequences(p.request) for p in group) >= self._args.batch_max_size:
             self._dispatch(bucket)
         elif len(group) == 1:
             self._timers[bucket] = asyncio.get_running_loop().call_later(

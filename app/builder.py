@@ -31,7 +31,8 @@ from ray.serve import Application, Deployment
 from app.args import AppArgs
 from app.batcher import Batcher
 from app.ingress import Ingress
-from app.replica import DriverFactory, Replica, load_driver
+from app.driver import load_driver
+from app.replica import DriverFactory, Replica
 
 CONTROL_CALLS = 16  # headroom over the request limit for readiness, stats and cancel calls
 INGRESS_QUEUE_FACTOR = 4  # Serve's queue in front of the ingress, in multiples of its max_ongoing_requests

@@ -42,6 +42,11 @@ from model.serving.request import Limits, Request, RequestRejected
 from model.text.tokenizer import Tokenizer
 
 SAXML_STEPS = "extra_inputs.per_example_max_decode_steps"  # Saxml's max_tokens, as its API spells it
+# The engine's request fields (RequestRejected.param) as Saxml's /generate spells them.
+SAXML_FIELDS = {"max_tokens": SAXML_STEPS, "min_tokens": "extra_inputs.per_example_min_decode_steps",
+                "num_beams": "extra_inputs.beam_size", "temperature": "extra_inputs.temperature",
+                "top_k": "extra_inputs.per_example_top_k", "top_p": "extra_inputs.per_example_top_p",
+                "length_penalty": "extra_inputs.length_penalty"}
 # The default body limit (default_request_bytes): JSON bytes a prompt token may take (a token id takes
 # at most 7, "50256, "; English text about 4-5; CJK text escaped as \uXXXX up to 12), the other fields
 # with room to spare, and the worst JSON escaping of a character (\u0000) for the stop strings.
@@ -73,6 +78,7 @@ class ServerPolicy:
     max_prompts: int = 8  # prompts per request
     max_request_bytes: int = 1 << 20  # bodies beyond get 413
     token_bytes: int = 128  # the most bytes of text one token stands for (longest_token_bytes)
+    saxml_tokenized: bool = False  # /generate takes and answers comma-separated token ids (AppArgs.saxml_tokenized)
 
     @classmethod
     def from_args(cls, args: AppArgs, tokenizer: Tokenizer) -> ServerPolicy:
@@ -80,7 +86,7 @@ class ServerPolicy:
                    max_choices=args.max_pending_requests, max_tokens_limit=args.max_tokens_limit,
                    max_prompts=args.max_prompts,
                    max_request_bytes=args.max_request_bytes or default_request_bytes(args),
-                   token_bytes=longest_token_bytes(tokenizer))
+                   token_bytes=longest_token_bytes(tokenizer), saxml_tokenized=args.saxml_tokenized)
 
     def check_text_size(self, text: str, limits: Limits, param: str) -> None:
         """Refuse, before tokenising, a text too long to be a prompt the engine serves."""
@@ -167,19 +173,54 @@ def plan_completion(
 
 
 def plan_saxml(request: SaxmlGenerateRequest, tokenizer: Tokenizer, limits: Limits, policy: ServerPolicy) -> Request:
-    """The one engine request of a Saxml /generate request, every check passed."""
+    """The one engine request of a Saxml /generate request, every check passed. With
+    `policy.saxml_tokenized`, the query is comma-separated token ids (Saxml's TOKENIZED_INPUT)."""
     extra = request.extra_inputs
     max_tokens = extra.per_example_max_decode_steps or policy.default_max_tokens
     check_max_tokens(max_tokens, policy.max_tokens_limit, SAXML_STEPS)
-    policy.check_text_size(request.query, limits, "query")
-    ids = tokenizer.encode(request.query)
+    if policy.saxml_tokenized:
+        ids = parse_token_ids(request.query)
+    else:
+        policy.check_text_size(request.query, limits, "query")
+        ids = tokenizer.encode(request.query)
     if not ids:
         raise InvalidRequest("query encodes to no tokens", "query")
     check_prompt(ids, max_tokens, limits, "query", SAXML_STEPS)
-    return Request(
+    engine_request = Request(
         request_id=uuid.uuid4().hex, prompt_ids=ids, max_tokens=max_tokens, temperature=extra.temperature,
         top_k=extra.per_example_top_k, top_p=extra.per_example_top_p, stop_at_eos=True,
+        min_tokens=extra.per_example_min_decode_steps, num_beams=extra.beam_size, length_penalty=extra.length_penalty,
     )
+    try:
+        limits.check(engine_request)
+    except RequestRejected as e:  # the field named as Saxml's API spells it
+        field = SAXML_FIELDS.get(e.param, e.param or "extra_inputs")
+        raise InvalidRequest(f"{field}: {e}", field.split(".")[0]) from None
+    return engine_request
+
+
+def parse_token_ids(query: str) -> list[int]:
+    """A tokenized Saxml query, "17,42,9": its token ids (their range is Limits.check_prompt's to check)."""
+    try:
+        return [int(t) for t in query.split(",")]
+    except ValueError:
+        raise InvalidRequest(f"query must be comma-separated token ids (saxml_tokenized), got {query[:40]!r}",
+                             "query") from None
+
+
+def saxml_answer(chunks: list[Chunk], tokenized: bool) -> list[tuple[str, float]]:
+    """Saxml's `generate_response` from one request's chunks: [(text, sum of logprobs)], or with beam
+    search every finished beam (text, score), best first; with `tokenized`, token ids comma-separated
+    instead of text (Saxml's TOKENIZED_OUTPUT)."""
+    def rendered(text: str, token_ids: list[int]) -> str:
+        return ",".join(map(str, token_ids)) if tokenized else text
+
+    last = chunks[-1]
+    if last.beams is not None:
+        return [(rendered(b.text, b.token_ids), b.score) for b in last.beams]
+    token_ids = [t for c in chunks for t in c.token_ids]
+    score = sum(lp for c in chunks for lp in c.logprobs)
+    return [(rendered("".join(c.text for c in chunks), token_ids), score)]
 
 
 @dataclasses.dataclass

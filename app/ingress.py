@@ -4,7 +4,9 @@ HTTP routes:
     POST /v1/completions   OpenAI completions; `stream: true` answers with server-sent events, one
                            event per chunk of tokens, ending with `data: [DONE]`
     GET  /v1/models        the one model, under `args.model_name`
-    POST /generate         Saxml's HTTP shape: {"model", "query", "extra_inputs"} -> {"generate_response"}
+    POST /generate         Saxml's HTTP shape: {"model", "query", "extra_inputs"} -> {"generate_response"}:
+                           [[text, score]], or with extra_inputs.beam_size > 1 every finished beam,
+                           best first (token ids in and out with the app's saxml_tokenized)
     GET  /healthz          liveness: this process answers
     GET  /readyz           readiness: a model replica has loaded and warmed up (503 until then)
     GET  /v1/stats         the batcher's and every replica's counters (prefill batches, slots, ...)
@@ -58,7 +60,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.args import AppArgs
-from app.completions import CompletionAssembler, ServerPolicy, plan_completion, plan_saxml
+from app.completions import CompletionAssembler, ServerPolicy, plan_completion, plan_saxml, saxml_answer
 from app.errors import error_response, excerpt, on_serve_error, parse
 from app.guard import Guard, check_request_id, require_json, screen_headers
 from app.metrics import IngressMetrics
@@ -181,11 +183,9 @@ class Ingress:
             self._metrics.prompt_tokens.inc(len(engine_request.prompt_ids), tags={"api": "saxml"})
             chunks = self._merged([engine_request], Timing(arrived, self._metrics, "saxml"))
             await chunks.__anext__()  # app.streaming.ADMITTED
-            text, score = "", 0.0
-            async for chunk in chunks:
-                text += chunk.text
-                score += sum(chunk.logprobs)
-        return JSONResponse(SaxmlGenerateResponse(generate_response=[(text, score)]).model_dump(mode="json"))
+            received = [chunk async for chunk in chunks]
+        answer = saxml_answer(received, self._args.saxml_tokenized)
+        return JSONResponse(SaxmlGenerateResponse(generate_response=answer).model_dump(mode="json"))
 
     @api.get("/healthz")
     async def healthz(self, http: HTTPRequest) -> dict:

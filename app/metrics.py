@@ -3,7 +3,8 @@
 Each deployment records what it alone can see:
 - Ingress: time to first token and time per output token as the client sees them (from the request's
   arrival to the chunks leaving), and tokens in and out.
-- Batcher: the size of the prefill batches it forms, requests it holds, and requests it turns away.
+- Batcher: the size of the prefill batches it forms, sequences it holds (a request counts one per
+  beam), and requests it turns away.
 - Replica: how long requests wait for a decode slot (queue time), the prefill batches the engine runs
   (by prompt bucket), slot occupancy, the waiting queue, the KV cache's pages (used, free, and the
   fraction used: vLLM's `kv_cache_usage_perc`), preemptions (requests whose pages were taken back
@@ -45,7 +46,8 @@ class BatcherMetrics:
             "gptj_batcher_batch_size", "requests per batch the batcher hands to a replica",
             boundaries=BATCH_SIZE_BOUNDARIES,
         )
-        self.pending = Gauge("gptj_batcher_pending_requests", "requests the batcher holds (forming, queued, decoding)")
+        self.pending = Gauge("gptj_batcher_pending_requests", "sequences the batcher holds (forming, queued, decoding; "
+                             "a request counts one per beam)")
         self.rejected = Counter("gptj_batcher_rejected", "requests turned away with 503 (overload)")
 
 

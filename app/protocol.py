@@ -11,7 +11,9 @@ the replica submits a request as it arrives, and `info()` answers with the engin
 the ingress checks requests against. The batcher forwards whole prefill batches to a replica as one
 streaming call and routes the replica's chunks back to each request's own stream. A `Chunk` carries
 every token one request produced since its previous chunk (several tokens per chunk, never one RPC
-per token per hop); the last chunk of a request has `finish_reason` set. The batcher's first chunk of
+per token per hop); the last chunk of a request has `finish_reason` set, and for a beam search (a
+request with `num_beams` > 1, answered whole in that one chunk) the best beam's `score` and every
+finished beam (`model.serving.output.Beam`, best first). The batcher's first chunk of
 every request it accepts is an `admitted` one (no tokens): the ingress can start a streamed response
 then, rather than when a decode slot frees up for it. A per-request failure
 travels as a chunk with `error` (and, for a rejection, `error_param`: the field at fault), so one bad
@@ -25,6 +27,8 @@ caller as a subclass of both `RayTaskError` and the original class).
 from __future__ import annotations
 
 import dataclasses
+
+from model.serving.output import Beam
 
 
 @dataclasses.dataclass
@@ -41,6 +45,8 @@ class Chunk:
     error_param: str | None = None  # with a 4xx: the request field at fault (RequestRejected.param)
     overloaded: bool = False  # with 503: refused because the server is at capacity (not a failure)
     admitted: bool = False  # the batcher accepted the request (its first chunk; no tokens, not finished)
+    score: float | None = None  # beam search, on the last chunk: the best beam's score (its tokens are token_ids)
+    beams: list[Beam] | None = None  # beam search, on the last chunk: every finished beam, best first
 
     @property
     def finished(self) -> bool:

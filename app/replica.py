@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
@@ -45,9 +44,9 @@ from ray import serve
 
 from app.args import AppArgs
 from app.autoscaling import HELD_REQUESTS
+from app.driver import load_driver
 from app.metrics import ReplicaMetrics
 from app.protocol import Chunk
-from model.engine.buckets import fit_prompt_buckets
 from model.serving.request import Limits, Request, RequestRejected
 
 if TYPE_CHECKING:
@@ -61,39 +60,6 @@ logger = logging.getLogger("ray.serve")
 EARLY_CANCELS_KEPT = 4096  # ids of cancels that arrived before their request; oldest forgotten first
 GAUGE_PERIOD_S = 1.0
 CALLER_CHECK_PERIOD_S = 2.0
-
-
-def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | None = None) -> "Driver":
-    """Load `args.checkpoint` onto `args.mesh`, build and warm up the engine: a driver ready to start.
-    The first JAX import of the process happens here. (Also the engine-only side of bench.serve.)"""
-    from model.nn.sharding import ensure_host_devices
-
-    # Both before the first jax import: virtual CPU devices for the mesh, and XLA's CPU threads.
-    ensure_host_devices(args.mesh)
-    os.environ["OMP_NUM_THREADS"] = str(args.replica_threads or os.cpu_count())
-
-    from model import ckpt
-    from model.engine.paged import EngineConfig, PagedEngine
-    from model.nn.sharding import make_mesh
-    from model.serving.driver import Driver
-
-    start = time.perf_counter()
-    mesh = make_mesh(args.mesh)
-    quantize = None if args.quantize == "none" else args.quantize
-    loaded = ckpt.load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=quantize, progress=False)
-    cache_len = args.max_cache_len or loaded.cfg.n_positions
-    prompt_buckets = fit_prompt_buckets(args.prompt_buckets, cache_len)
-    if prompt_buckets != tuple(args.prompt_buckets):
-        logger.warning(f"prompt buckets {list(args.prompt_buckets)} exceed the {cache_len}-position cache of "
-                       f"{args.checkpoint}; serving with {list(prompt_buckets)}")
-    config = EngineConfig(**args.engine_options(prompt_buckets, cache_len))
-    engine = PagedEngine(loaded.weights, loaded.cfg, config, mesh)
-    engine.warmup()
-    layout = engine.page_layout
-    logger.info(f"engine ready: {args.checkpoint} ({loaded.source}) on {args.mesh} device(s), "
-                f"{layout.num_pages} KV pages of {layout.page_size} tokens, "
-                f"warm-up {engine.warmup_seconds:.1f}s, total {time.perf_counter() - start:.1f}s")
-    return Driver(engine, ckpt.tokenizer_for(args.checkpoint), on_prefill=on_prefill)
 
 
 def _actor_alive(name: str) -> bool:
@@ -165,6 +131,8 @@ class _ChunkBuffer:
         if out.finished:
             chunk.finish_reason = out.finish_reason
             chunk.error = out.error
+            chunk.score = out.score
+            chunk.beams = out.beams
         first = out.request_id not in self._seen
         self._seen.add(out.request_id)
         self._urgent |= first or out.finished or len(chunk.token_ids) >= self._chunk_tokens
@@ -193,7 +161,7 @@ class Replica:
 
     async def __init__(self, args: AppArgs, driver_factory: DriverFactory = load_driver):
         self._args = args
-        self._open: set[str] = set()  # request ids this replica is generating
+        self._open: dict[str, int] = {}  # request ids this replica is generating -> their sequences (beams)
         self._by_caller: dict[str, set[str]] = {}  # batcher replica (actor name) -> its open request ids
         self._early_cancels: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancelled_slots = 0  # requests the driver stopped because we cancelled them
@@ -236,7 +204,7 @@ class Replica:
             return
         submitted = {request.request_id for request, _ in items}
         open_ids = set(submitted)  # shrinks as requests finish
-        self._open |= submitted
+        self._open.update((request.request_id, request.num_beams) for request, _ in items)
         if caller is not None:
             self._by_caller.setdefault(caller, set()).update(submitted)
         buffer = _ChunkBuffer(self._args.stream_chunk_tokens, self._args.stream_chunk_ms / 1000)
@@ -256,7 +224,8 @@ class Replica:
         finally:
             for request_id in open_ids:  # the batcher went away: free the slots
                 self._driver.cancel(request_id)
-            self._open -= submitted
+            for request_id in submitted:
+                self._open.pop(request_id, None)
             if self._by_caller.get(caller):
                 self._by_caller[caller] -= submitted
                 if not self._by_caller[caller]:
@@ -279,8 +248,9 @@ class Replica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric: the requests this replica holds (decoding or waiting
-        for a slot), which app.autoscaling scales on."""
-        return {HELD_REQUESTS: float(len(self._open))}
+        for a slot), a beam search counting each of its beams (each takes a decode slot), which
+        app.autoscaling scales on."""
+        return {HELD_REQUESTS: float(sum(self._open.values()))}
 
     def stats(self) -> dict:
         """The engine loop's counters (prefill batches and rows, decode steps, tokens out, preemptions)

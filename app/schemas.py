@@ -13,7 +13,9 @@ silently changes nothing. `logprobs` gives the chosen tokens' log-probabilities 
 distribution); top alternatives are not computed, so `top_logprobs` is null.
 
 Saxml's HTTP server took `{"model", "query", "extra_inputs": {...}}` and answered
-`{"generate_response": [[text, score], ...]}`, score being the sum of the chosen tokens' log-probabilities.
+`{"generate_response": [[text, score], ...]}`, score being the sum of the chosen tokens' log-probabilities;
+with `extra_inputs.beam_size` > 1 (Saxml's name for the beam count, a servable setting there) the list
+holds every finished beam, best first, each scored as transformers' `sequences_scores`.
 """
 
 from __future__ import annotations
@@ -214,13 +216,23 @@ class SaxmlExtraInputs(BaseModel):
     per_example_max_decode_steps: int | None = Field(None, ge=1, description="default: default_max_tokens")
     per_example_top_k: int = Field(0, ge=0, le=INT32_MAX, description="0 = off")
     per_example_top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    beam_size: int = Field(1, ge=1, le=INT32_MAX, description="beams to search with (1: no beam search; > 1 needs "
+                           "temperature 0); the answer lists every finished beam, best first")
+    per_example_min_decode_steps: int = Field(
+        0, ge=0, le=INT32_MAX, description="tokens generated before EOS may end a sequence (Saxml's MIN_DECODE_STEPS)"
+    )
+    length_penalty: float = Field(
+        1.0, allow_inf_nan=False, description="beam search: a finished beam scores sum(logprobs) / length ** this "
+        "(transformers' length_penalty, not praxis' length_norm_alpha)"
+    )
 
 
 class SaxmlGenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", revalidate_instances="always")
 
     model: str
-    query: StrictStr = Field(min_length=1)
+    query: StrictStr = Field(min_length=1, description="the prompt; with the app's saxml_tokenized, its token ids "
+                             "comma-separated")
     extra_inputs: SaxmlExtraInputs = SaxmlExtraInputs()
 
 

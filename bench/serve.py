@@ -135,7 +135,7 @@ def served_row(url: str, args: AppArgs, workload: Workload, **extra) -> dict:
 
 
 def load_engine(args: AppArgs):
-    from app.replica import load_driver
+    from app.driver import load_driver
 
     log("engine-only: loading and warming up the same engine in this process")
     driver = load_driver(args)

@@ -13,10 +13,12 @@ from app.completions import (
     longest_token_bytes,
     plan_completion,
     plan_saxml,
+    saxml_answer,
     tokenize_prompts,
 )
 from app.protocol import Chunk, InvalidRequest
 from app.schemas import CompletionRequest, SaxmlGenerateRequest, prompt_list
+from model.serving.output import Beam
 from model.serving.request import Limits
 from model.text.tokenizer import Tokenizer
 
@@ -199,3 +201,46 @@ def test_plan_saxml_rejections(tokenizer, query, extra, policy, param, message):
     with pytest.raises(InvalidRequest) as e:
         plan_saxml(saxml(query, **extra), tokenizer, LIMITS, policy)
     assert (e.value.message, e.value.param, e.value.status_code) == (message, param, 400)
+
+
+BEAM_LIMITS = dataclasses.replace(LIMITS, max_beams=4)
+
+
+def test_plan_saxml_beams(tokenizer):
+    r = plan_saxml(saxml(beam_size=4, per_example_min_decode_steps=3, length_penalty=0.5,
+                         per_example_max_decode_steps=8), tokenizer, BEAM_LIMITS, POLICY)
+    assert (r.num_beams, r.min_tokens, r.length_penalty, r.max_tokens, r.temperature, r.stop_at_eos) == (
+        4, 3, 0.5, 8, 0.0, True)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"beam_size": 5}, "extra_inputs.beam_size: num_beams must be an integer in [1, 4], got 5"),
+    ({"beam_size": 2, "temperature": 0.5}, "extra_inputs.temperature: temperature is not supported with beam search"),
+    ({"per_example_min_decode_steps": 17}, "extra_inputs.per_example_min_decode_steps: min_tokens must be an integer "
+                                           "in [0, max_tokens=16], got 17"),
+])
+def test_plan_saxml_beam_rejections(tokenizer, extra, message):
+    with pytest.raises(InvalidRequest) as e:
+        plan_saxml(saxml(**extra), tokenizer, BEAM_LIMITS, POLICY)
+    assert e.value.message.startswith(message) and e.value.param == "extra_inputs"
+
+
+def test_plan_saxml_tokenized(tokenizer):
+    policy = dataclasses.replace(POLICY, saxml_tokenized=True)
+    assert plan_saxml(saxml("15496, 995"), tokenizer, LIMITS, policy).prompt_ids == [15496, 995]
+    for query, message in (("15496,hello", "query must be comma-separated token ids"),
+                           ("1,,2", "query must be comma-separated token ids"),
+                           ("50257", "token id 50257 is outside the vocabulary")):
+        with pytest.raises(InvalidRequest, match=message) as e:
+            plan_saxml(saxml(query), tokenizer, LIMITS, policy)
+        assert e.value.param == "query"
+
+
+def test_saxml_answer():
+    chunks = [Chunk("r", [1, 2], [-0.5, -0.25], "ab"), Chunk("r", [3], [-1.0], "c", finish_reason="length")]
+    assert saxml_answer(chunks, tokenized=False) == [("abc", -1.75)]
+    assert saxml_answer(chunks, tokenized=True) == [("1,2,3", -1.75)]
+    beams = [Beam([7, 8], [-0.1, -0.2], "xy", -0.15), Beam([9], [-0.4], "z", -0.4)]
+    last = Chunk("r", [7, 8], [-0.1, -0.2], "xy", finish_reason="stop", score=-0.15, beams=beams)
+    assert saxml_answer([last], tokenized=False) == [("xy", -0.15), ("z", -0.4)]
+    assert saxml_answer([last], tokenized=True) == [("7,8", -0.15), ("9", -0.4)]

@@ -159,7 +159,9 @@ BAD_SAXML = [
     ("top_p zero", {"extra_inputs": {"per_example_top_p": 0}}, 422, "extra_inputs"),
     ("negative steps", {"extra_inputs": {"per_example_max_decode_steps": -1}}, 422, "extra_inputs"),
     ("steps over the context", {"extra_inputs": {"per_example_max_decode_steps": 10**6}}, 400, "extra_inputs"),
-    ("unknown extra input", {"extra_inputs": {"beam_size": 4}}, 422, "extra_inputs"),
+    ("unknown extra input", {"extra_inputs": {"num_beams": 4}}, 422, "extra_inputs"),
+    ("more beams than served", {"extra_inputs": {"beam_size": 5}}, 400, "extra_inputs"),
+    ("beams with sampling", {"extra_inputs": {"beam_size": 2, "temperature": 0.7}}, 400, "extra_inputs"),
 ]
 
 
