@@ -1,0 +1,119 @@
+"""bench.mlperf: the synthetic CNN/DailyMail QSL, the LoadGen wiring (real LoadGen, an instant SUT),
+and short LoadGen runs of both scenarios on the tiny preset through the engine, every logged response
+checked against transformers' beam search on the same weights."""
+
+import time
+
+import pytest
+
+from app.args import AppArgs
+from bench import mlperf
+from model.ckpt import tokenizer_for
+
+COUNT = 16  # samples per short run (the same in every run: the reference computes each once)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tokenizer_for("tiny")
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer):
+    return mlperf.synthetic_cnn_dailymail(COUNT, tokenizer)
+
+
+def test_qsl_is_shaped_like_mlperf_cnn_dailymail(tokenizer):
+    many = mlperf.synthetic_cnn_dailymail(2000, tokenizer)
+    before, after = mlperf.template_ids(tokenizer)
+    assert tokenizer.decode(before).startswith("Below is an instruction") and tokenizer.decode(after).endswith(
+        "### Response:")
+    lengths = sorted(len(s.prompt_ids) for s in many)
+    capped = sum(n == mlperf.MAX_INPUT_TOKENS for n in lengths) / len(lengths)
+    # the note's resampled estimate: mean 865, median 775, 4% cut at 1919
+    assert 820 < sum(lengths) / len(lengths) < 910 and 720 < lengths[len(lengths) // 2] < 830 and 0.02 < capped < 0.07
+    assert lengths[-1] == mlperf.MAX_INPUT_TOKENS
+    for s in many:
+        assert s.prompt_ids[:len(before)] == tuple(before)
+        cut = len(s.prompt_ids) == mlperf.MAX_INPUT_TOKENS
+        assert cut or s.prompt_ids[-len(after):] == tuple(after)  # a cut prompt lost its tail, as the reference's
+        assert 50256 not in s.prompt_ids[len(before):len(s.prompt_ids) - (0 if cut else len(after))]
+    caps = [s.max_new_tokens for s in many]
+    assert min(caps) == mlperf.MIN_NEW_TOKENS and max(caps) == mlperf.MAX_NEW_TOKENS
+    assert 67 < sum(caps) / len(caps) < 71
+    assert mlperf.synthetic_cnn_dailymail(10, tokenizer) == many[:10]  # sample i depends on (seed, i) only
+    assert mlperf.synthetic_cnn_dailymail(10, tokenizer, seed=1) != many[:10]
+
+
+class Echo:
+    """A backend that answers every sample at once with its prompt's first three tokens."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def submit(self, items, on_done):
+        self.calls.append([len(s.prompt_ids) for _, s in items])
+        for key, sample in items:
+            on_done(key, list(sample.prompt_ids[:3]), None, time.perf_counter())
+
+    def close(self):
+        pass
+
+
+def test_loadgen_wiring_with_an_instant_sut(samples, tmp_path):
+    """Offline: one query, handed over whole and sorted longest first; a short run is INVALID, and
+    says why. Accuracy: LoadGen logs every sample's response as int64 token ids."""
+    echo = Echo()
+    opts = mlperf.parse_args(["--count", str(COUNT), "--duration", "1", "--out", str(tmp_path / "perf")])
+    row = mlperf.run(opts, echo, samples)
+    [lengths] = echo.calls
+    assert len(lengths) == COUNT and lengths == sorted(lengths, reverse=True)
+    assert (row["samples"], row["errors"], row["validity"], row["mlperf_settings"]) == (COUNT, 0, "INVALID", False)
+    assert row["samples_per_s"] > 0 and row["inferred_tokens_per_s"] == pytest.approx(69 * row["samples_per_s"], 1e-3)
+    detail = mlperf.read_detail(str(tmp_path / "perf"))
+    assert detail["generated_samples_per_query"] == COUNT and detail["effective_sample_concatenate_permutation"]
+
+    out = str(tmp_path / "accuracy")
+    sut = mlperf.SystemUnderTest(Echo(), samples, offline=False)
+    mlperf.run_loadgen(sut, mlperf.loadgen_settings("Server", "accuracy", COUNT, 1.0, 50.0), out)
+    assert mlperf.read_accuracy_log(out) == {i: list(s.prompt_ids[:3]) for i, s in enumerate(samples)}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The replica's driver on the tiny preset, shapes kept few for a quick warm-up: whole prompts up
+    to MLPerf's 1919 tokens in one bucket, 128-token pages (five decode page buckets)."""
+    from app.driver import load_driver
+
+    args = AppArgs(checkpoint="tiny", prompt_buckets=(1920,), prefill_batch_buckets=(1,), prefill_chunk_tokens=None,
+                   enable_prefix_caching=False, page_size=128, slots=8, batch_max_size=1)
+    backend = mlperf.EngineBackend(load_driver(args), mlperf.Generation())
+    yield backend
+    backend.close()
+
+
+def test_short_loadgen_runs_match_transformers(engine, samples, tmp_path):
+    """Offline and Server, accuracy mode: LoadGen writes its summary and its accuracy log, and every
+    logged response equals transformers' beam search (4 beams, 30 to the sample's cap) token for token."""
+    reference = mlperf.Reference("tiny", mlperf.Generation())
+    for scenario, qps in (("Offline", []), ("Server", ["--target-qps", "8"])):
+        out = tmp_path / scenario
+        opts = mlperf.parse_args(["--scenario", scenario, "--mode", "accuracy", "--count", str(COUNT), "--duration",
+                                  "1", "--out", str(out), "--checkpoint", "tiny", *qps])
+        row = mlperf.run(opts, engine, samples, reference)
+        assert (out / "mlperf_log_summary.txt").stat().st_size > 0
+        assert mlperf.read_detail(str(out))["effective_scenario"] == scenario
+        logged = mlperf.read_accuracy_log(str(out))
+        assert sorted(logged) == list(range(COUNT))
+        for index, tokens in logged.items():
+            assert mlperf.MIN_NEW_TOKENS <= len(tokens) <= samples[index].max_new_tokens
+        assert (row["errors"], row["compared"], row["fraction_identical"]) == (0, COUNT, 1.0), row
+
+
+def test_server_performance_row(engine, samples, tmp_path):
+    opts = mlperf.parse_args(["--scenario", "Server", "--count", "8", "--duration", "0.5", "--target-qps", "8",
+                              "--out", str(tmp_path), "--checkpoint", "tiny"])
+    row = mlperf.run(opts, engine, samples[:8])
+    assert row["validity"] == "INVALID" and row["errors"] == 0 and row["samples"] >= 8  # too few queries for p99
+    assert 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
+    assert 0 < row["ttft_p50_s"] <= row["latency_p99_s"] and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
