@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.cluster import MODEL_NAME, REPO_ROOT, sse_payloads
+from tests.cluster import MODEL_NAME, REPO_ROOT, sse_payloads, wait_until_idle
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -108,6 +108,29 @@ def test_saxml_generate(client):
     reference = complete(client, max_tokens=8, temperature=0, logprobs=0)["choices"][0]
     assert text == reference["text"]
     assert score == pytest.approx(sum(reference["logprobs"]["token_logprobs"]), abs=1e-4)
+
+
+def test_saxml_generate_beams(client, serve_app):
+    """beam_size 3: every finished beam, best first, as Saxml answers; the best is transformers' beam
+    search on the same weights (tokens, and its sequences_scores as the score)."""
+    from bench.mlperf import Generation, Reference
+    from model.ckpt import tokenizer_for
+
+    extra = {"beam_size": 3, "per_example_max_decode_steps": 10, "per_example_min_decode_steps": 4,
+             "length_penalty": 0.5}
+    r = client.post("/generate", json={"model": MODEL_NAME, "query": PROMPT, "extra_inputs": extra})
+    assert r.status_code == 200, r.text
+    beams = r.json()["generate_response"]
+    scores = [score for _, score in beams]
+    assert len(beams) == 3 and scores == sorted(scores, reverse=True)
+    tokenizer = tokenizer_for(serve_app.checkpoint.path)
+    reference = Reference(serve_app.checkpoint.path, Generation(num_beams=3, min_new_tokens=4, length_penalty=0.5))
+    expected = reference.generate(tokenizer.encode(PROMPT), 10)
+    eos = reference.eos_token_id
+    assert beams[0][0] == tokenizer.decode([t for t in expected["token_ids"] if t != eos])
+    assert beams[0][1] == pytest.approx(expected["score"], abs=1e-4)
+    s = wait_until_idle(serve_app.url)
+    assert s["batcher"]["held"] == 0  # the three sequences it held are given back
 
 
 def _prompt_ids(n: int) -> list[int]:
