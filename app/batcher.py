@@ -100,6 +100,11 @@ class Batcher:
         answer a stream before a decode slot is free); a single `overloaded` error chunk instead when
         its sequences would take the held ones beyond `max_pending_requests`."""
         held = sequences(request)
+        if held > self._args.max_pending_requests:  # could never be admitted: not an overload
+            yield Chunk(request.request_id, finish_reason="error", error_status=400, error_param="num_beams", error=(
+                f"num_beams={held} exceeds the sequences this server holds at once "
+                f"(max_pending_requests={self._args.max_pending_requests})"))
+            return
         if self._held + held > self._args.max_pending_requests:
             self._counts["rejected"] += 1
             self._metrics.rejected.inc()

@@ -186,6 +186,9 @@ def plan_saxml(request: SaxmlGenerateRequest, tokenizer: Tokenizer, limits: Limi
     if not ids:
         raise InvalidRequest("query encodes to no tokens", "query")
     check_prompt(ids, max_tokens, limits, "query", SAXML_STEPS)
+    if extra.beam_size > policy.max_choices:  # the batcher could never admit its beams
+        raise InvalidRequest(f"extra_inputs.beam_size={extra.beam_size} exceeds the sequences this server holds at "
+                             f"once (max_pending_requests={policy.max_choices})", "extra_inputs")
     engine_request = Request(
         request_id=uuid.uuid4().hex, prompt_ids=ids, max_tokens=max_tokens, temperature=extra.temperature,
         top_k=extra.per_example_top_k, top_p=extra.per_example_top_p, stop_at_eos=True,

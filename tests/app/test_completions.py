@@ -223,6 +223,10 @@ def test_plan_saxml_beam_rejections(tokenizer, extra, message):
     with pytest.raises(InvalidRequest) as e:
         plan_saxml(saxml(**extra), tokenizer, BEAM_LIMITS, POLICY)
     assert e.value.message.startswith(message) and e.value.param == "extra_inputs"
+    small = dataclasses.replace(POLICY, max_choices=2)  # max_pending_requests 2: four beams could never be admitted
+    with pytest.raises(InvalidRequest, match=r"beam_size=4 exceeds the sequences this server holds at once "
+                                             r"\(max_pending_requests=2\)"):
+        plan_saxml(saxml(beam_size=4), tokenizer, BEAM_LIMITS, small)
 
 
 def test_plan_saxml_tokenized(tokenizer):

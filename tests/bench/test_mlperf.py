@@ -122,3 +122,28 @@ def test_server_performance_row(engine, samples, tmp_path):
     assert row["validity"] == "INVALID" and row["errors"] == 0 and row["samples"] >= 8  # too few queries for p99
     assert 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
     assert 0 < row["ttft_p50_s"] <= row["latency_p99_s"] and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_http_backend_through_the_served_app(ray_cluster, samples, tmp_path):
+    """The whole Ray Serve path (slow: it deploys an app of its own on the test cluster): an Offline
+    accuracy run over Saxml /generate with token ids in and out, every response transformers' beams."""
+    from ray import serve
+
+    from app.builder import build_app
+
+    args = AppArgs(model_name="mlperf", checkpoint="tiny", prompt_buckets=(512,), prefill_batch_buckets=(1, 4),
+                   prefill_chunk_tokens=None, enable_prefix_caching=False, max_cache_len=640, page_size=64, slots=16,
+                   batch_max_size=16, saxml_tokenized=True)
+    serve.run(build_app(args), name="mlperf", route_prefix="/mlperf")
+    try:
+        backend = mlperf.HttpBackend(f"{ray_cluster}/mlperf", "mlperf", mlperf.Generation(), max_in_flight=4)
+        opts = mlperf.parse_args(["--backend", "http", "--mode", "accuracy", "--count", str(COUNT), "--duration", "1",
+                                  "--out", str(tmp_path), "--checkpoint", "tiny"])
+        try:
+            row = mlperf.run(opts, backend, samples, mlperf.Reference("tiny", mlperf.Generation()))
+        finally:
+            backend.close()
+        assert (row["errors"], row["compared"], row["fraction_identical"]) == (0, COUNT, 1.0), row
+    finally:
+        serve.delete("mlperf")

@@ -25,3 +25,20 @@ def test_engine_rows_get_weights_and_live_kv_fractions(tmp_path, capsys):
     expected = 1000 * (summary["weight_bytes"] + annotated["kv_bytes_per_step"]) / bandwidth / 2.0
     assert abs(annotated["roofline_kv_fraction"] - expected) < 2e-3
     assert annotated["roofline_kv_fraction"] > annotated["roofline_fraction"]
+
+
+def test_mlperf_projection_at_a_given_bandwidth(capsys):
+    """A spec-sheet bandwidth is taken as given, and the MLPerf projection is the module docstring's
+    arithmetic: 2 requests x 4 beams over 865 + 69 / 2 tokens, the prefill at 2 x params x 865 FLOPs."""
+    assert roofline.main(["--checkpoint", "tiny", "--dtype", "float32", "--read-gb-s", "100", "--device-name", "spec",
+                          "--mlperf-requests", "2", "--tflops", "1", "--price-per-hour", "3.6"]) == 0
+    summary, projection = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (summary["device"], summary["read_gb_s"]) == ("spec", 100.0)
+    import jax.numpy as jnp
+
+    cfg = preset("tiny")
+    step = (summary["weight_bytes"] + 8 * 899.5 * KVCache.bytes_per_token(cfg, jnp.float32)) / 100e9
+    samples_s = 1 / (69 * step / 2 + 2 * cfg.num_params() * 865 / 1e12)
+    assert projection["projected"] is True and projection["beam_rows"] == 8
+    assert abs(projection["samples_per_s"] - samples_s) < 0.01 * samples_s
+    assert abs(projection["samples_per_dollar"] - samples_s * 1000) <= 0.01 * samples_s * 1000  # 3600 s / $3.6
