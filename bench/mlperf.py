@@ -52,11 +52,13 @@ Output: LoadGen's logs in `--out`, progress on stderr, and one JSON line on stdo
      "mlperf_settings", "validity" (LoadGen's VALID / INVALID), "invalid_reason", "samples", "errors",
      "samples_per_s" (LoadGen's: Offline samples/s, Server completed samples/s), "scheduled_samples_per_s"
      (Server), "tokens_per_s" (best-beam tokens generated over the run's wall time), "inferred_tokens_per_s"
-     (LoadGen's samples/s x 69, MLPerf's token metric), "latency_p50_s" / "_p90_s" / "_p99_s" (Server:
-     LoadGen's; Offline: each sample from the query's issue to its response), "ttft_p50_s" / "_p90_s" /
+     (LoadGen's samples/s x 69, MLPerf's token metric), "latency_p50_s" / "_p90_s" / "_p99_s" (LoadGen's:
+     each sample from its query's issue to its response), "ttft_p50_s" / "_p90_s" /
      "_p99_s" (Server: issue to the first output the backend delivers; beam search answers whole, since the
      best beam is known only at the end, so with beams it equals the latency), "mean_prompt_tokens",
-     "mean_output_tokens", and in accuracy mode "compared", "identical", "fraction_identical"}
+     "mean_output_tokens"; in accuracy mode "compared", "identical", "fraction_identical"; with --compare-hf N
+     "reference_samples_per_s" (transformers on the first N samples, one at a time, after the test: MLPerf's
+     reference SUT; torch on one thread beside JAX on a CPU) and "over_reference" (samples_per_s / that)}
 The exit status is 1 when a sample failed.
 """
 
@@ -284,7 +286,7 @@ class SystemUnderTest:
         self.offline = offline
         self._lock = threading.Lock()
         self._issued: dict[int, float] = {}  # LoadGen's query sample id -> when it was issued
-        self.latencies: list[float] = []
+        self.completed = 0
         self.ttfts: list[float] = []
         self.output_tokens = 0
         self.errors: list[str] = []
@@ -314,7 +316,7 @@ class SystemUnderTest:
         now = time.perf_counter()
         with self._lock:
             issued = self._issued.pop(query_id)
-            self.latencies.append(now - issued)
+            self.completed += 1
             self.ttfts.append(first_at - issued)
             self.last_done = now
             if error is not None:
@@ -418,31 +420,35 @@ class Reference:
         self._done: dict[tuple[int, ...], dict] = {}
 
     def generate(self, prompt_ids, max_new_tokens: int) -> dict:
-        """{"token_ids": the best sequence's new tokens, "score": its sequences_scores (None for one beam)}."""
-        import torch
-
+        """{"token_ids": the best sequence's new tokens, "score": its sequences_scores (None for one
+        beam)}, computed once per (prompt, cap)."""
         key = (max_new_tokens, *prompt_ids)
         if key not in self._done:
-            g = self.generation
-            ids = torch.tensor([list(prompt_ids)], device=self.model.device)
-            threads = torch.get_num_threads()
-            if self._device == "cpu":  # beside JAX's threads, torch's own pool starves: 36 s a sample, not 1 s
-                torch.set_num_threads(1)
-            try:
-                with torch.inference_mode():
-                    out = self.model.generate(
-                        ids, attention_mask=torch.ones_like(ids), num_beams=g.num_beams,
-                        early_stopping=g.early_stopping, length_penalty=g.length_penalty,
-                        min_new_tokens=g.min_new_tokens, max_new_tokens=max_new_tokens, do_sample=False,
-                        eos_token_id=self.eos_token_id, pad_token_id=self.eos_token_id,
-                        return_dict_in_generate=True, output_scores=True,
-                    )
-            finally:
-                torch.set_num_threads(threads)
-            scores = getattr(out, "sequences_scores", None)
-            self._done[key] = {"token_ids": out.sequences[0, ids.shape[1]:].tolist(),
-                               "score": None if scores is None else float(scores[0])}
+            self._done[key] = self.run_once(prompt_ids, max_new_tokens)
         return self._done[key]
+
+    def run_once(self, prompt_ids, max_new_tokens: int) -> dict:
+        """`generate`, computed now (for timing)."""
+        import torch
+
+        g = self.generation
+        ids = torch.tensor([list(prompt_ids)], device=self.model.device)
+        threads = torch.get_num_threads()
+        if self._device == "cpu":  # beside JAX's threads, torch's own pool starves: 36 s a sample, not 1 s
+            torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), num_beams=g.num_beams, early_stopping=g.early_stopping,
+                    length_penalty=g.length_penalty, min_new_tokens=g.min_new_tokens, max_new_tokens=max_new_tokens,
+                    do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.eos_token_id,
+                    return_dict_in_generate=True, output_scores=True,
+                )
+        finally:
+            torch.set_num_threads(threads)
+        scores = getattr(out, "sequences_scores", None)
+        return {"token_ids": out.sequences[0, ids.shape[1]:].tolist(),
+                "score": None if scores is None else float(scores[0])}
 
 
 def check_accuracy(responses: dict[int, list[int]], samples: list[Sample], reference: Reference) -> dict:
@@ -475,17 +481,14 @@ def check_accuracy(responses: dict[int, list[int]], samples: list[Sample], refer
 def summarize(opts, sut: SystemUnderTest, detail: dict, samples: list[Sample]) -> dict:
     server = opts.scenario == "Server"
     wall = (sut.last_done - sut.first_issue) if sut.last_done and sut.first_issue else None
-    if server:
-        latency = {f"latency_p{q}_s": _ns(detail.get(f"result_{q}.00_percentile_latency_ns")) for q in (50, 90, 99)}
-    else:
-        latency = {f"latency_p{q}_s": _round(percentile(sut.latencies, q)) for q in (50, 90, 99)}
+    latency = {f"latency_p{q}_s": _ns(detail.get(f"result_{q}.00_percentile_latency_ns")) for q in (50, 90, 99)}
     row = {
         "benchmark": "mlperf-gptj", "scenario": opts.scenario, "mode": opts.mode, "backend": opts.backend,
         "checkpoint": opts.checkpoint, "num_beams": opts.num_beams, "count": len(samples),
         "mlperf_settings": len(samples) == QSL_SIZE and opts.duration >= GPTJ_CONF["min_duration_ms"] / 1000
         and opts.num_beams == NUM_BEAMS,
         "validity": detail.get("result_validity"), "invalid_reason": detail.get("result_invalid_reason") or None,
-        "samples": len(sut.latencies), "errors": len(sut.errors),
+        "samples": sut.completed, "errors": len(sut.errors),
         "samples_per_s": detail.get("result_completed_samples_per_sec" if server else "result_samples_per_second"),
         "tokens_per_s": round(sut.output_tokens / wall, 2) if wall else None,
         "inferred_tokens_per_s": detail.get("result_inferred_completed_tokens_per_second" if server
@@ -495,7 +498,7 @@ def summarize(opts, sut: SystemUnderTest, detail: dict, samples: list[Sample]) -
     if server:
         row["scheduled_samples_per_s"] = detail.get("result_scheduled_samples_per_sec")
         row.update({f"ttft_p{q}_s": _round(percentile(sut.ttfts, q)) for q in (50, 90, 99)})
-    done = len(sut.latencies) - len(sut.errors)
+    done = sut.completed - len(sut.errors)
     row["mean_prompt_tokens"] = round(sum(len(s.prompt_ids) for s in samples) / len(samples), 1)
     row["mean_output_tokens"] = round(sut.output_tokens / done, 1) if done else None
     return row
@@ -527,12 +530,26 @@ def run(opts, backend: Backend, samples: list[Sample], reference: Reference | No
     log(f"LoadGen {opts.scenario} {opts.mode}: {len(samples)} samples, logs in {opts.out}")
     start = time.perf_counter()
     run_loadgen(sut, settings, opts.out)
-    log(f"LoadGen done in {time.perf_counter() - start:.1f}s: {len(sut.latencies)} samples, {len(sut.errors)} errors"
+    log(f"LoadGen done in {time.perf_counter() - start:.1f}s: {sut.completed} samples, {len(sut.errors)} errors"
         + (f" (first: {sut.errors[0]})" if sut.errors else ""))
     row = summarize(opts, sut, read_detail(opts.out), samples)
     if opts.mode == "accuracy":
         row.update(check_accuracy(read_accuracy_log(opts.out), samples, reference))
+    if opts.compare_hf:
+        row.update(time_reference(reference, samples[:opts.compare_hf], row["samples_per_s"]))
     return row
+
+
+def time_reference(reference: Reference, samples: list[Sample], samples_per_s: float | None) -> dict:
+    """MLPerf's reference SUT on the same samples in the same run: transformers, one sample at a time
+    (as language/gpt-j's Offline backend runs them), timed after the LoadGen test."""
+    start = time.perf_counter()
+    for sample in samples:
+        reference.run_once(sample.prompt_ids, sample.max_new_tokens)
+    rate = len(samples) / (time.perf_counter() - start)
+    log(f"reference: {len(samples)} samples at {rate:.3f} samples/s")
+    return {"reference_samples_per_s": round(rate, 4),
+            "over_reference": round(samples_per_s / rate, 2) if samples_per_s else None}
 
 
 def parse_args(argv=None):
@@ -552,6 +569,8 @@ def parse_args(argv=None):
     p.add_argument("--max-in-flight", type=int, help="http backend: requests open at once (default: what the "
                    "app admits, max_pending_requests / num_beams)")
     p.add_argument("--seed", type=int, default=0, help="the QSL's seed")
+    p.add_argument("--compare-hf", type=int, default=0, metavar="N", help="after the test, time MLPerf's reference "
+                   "(transformers, one sample at a time) on the first N samples: reference_samples_per_s, over_reference")
     opts = p.parse_args(argv)
     if opts.count < 1 or opts.duration <= 0 or (opts.target_qps is not None and opts.target_qps <= 0):
         p.error("--count, --duration and --target-qps must be positive")
@@ -592,7 +611,8 @@ def main(argv=None) -> int:
     generation = Generation(num_beams=opts.num_beams)
     with contextlib.ExitStack() as stack:
         backend = open_backend(opts, args, generation, stack)
-        reference = Reference(args.checkpoint, generation) if opts.mode == "accuracy" else None
+        needed = opts.mode == "accuracy" or opts.compare_hf
+        reference = Reference(args.checkpoint, generation) if needed else None
         row = run(opts, backend, samples, reference)
     print(json.dumps(row), flush=True)
     return 1 if row["errors"] else 0

@@ -97,10 +97,14 @@ def engine(samples):
     backend.close()
 
 
-def test_short_loadgen_runs_match_transformers(engine, samples, tmp_path):
+@pytest.fixture(scope="module")
+def reference():
+    return mlperf.Reference("tiny", mlperf.Generation())
+
+
+def test_short_loadgen_runs_match_transformers(engine, reference, samples, tmp_path):
     """Offline and Server, accuracy mode: LoadGen writes its summary and its accuracy log, and every
     logged response equals transformers' beam search (4 beams, 30 to the sample's cap) token for token."""
-    reference = mlperf.Reference("tiny", mlperf.Generation())
     for scenario, qps in (("Offline", []), ("Server", ["--target-qps", "8"])):
         out = tmp_path / scenario
         opts = mlperf.parse_args(["--scenario", scenario, "--mode", "accuracy", "--count", str(COUNT), "--duration",
@@ -115,17 +119,19 @@ def test_short_loadgen_runs_match_transformers(engine, samples, tmp_path):
         assert (row["errors"], row["compared"], row["fraction_identical"]) == (0, COUNT, 1.0), row
 
 
-def test_server_performance_row(engine, samples, tmp_path):
+def test_server_performance_row(engine, reference, samples, tmp_path):
     opts = mlperf.parse_args(["--scenario", "Server", "--count", "8", "--duration", "0.5", "--target-qps", "8",
-                              "--out", str(tmp_path), "--checkpoint", "tiny"])
-    row = mlperf.run(opts, engine, samples[:8])
+                              "--out", str(tmp_path), "--checkpoint", "tiny", "--compare-hf", "2"])
+    row = mlperf.run(opts, engine, samples[:8], reference)
+    assert row["reference_samples_per_s"] > 0
+    assert row["over_reference"] == pytest.approx(row["samples_per_s"] / row["reference_samples_per_s"], rel=0.01)
     assert row["validity"] == "INVALID" and row["errors"] == 0 and row["samples"] >= 8  # too few queries for p99
     assert 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
     assert 0 < row["ttft_p50_s"] <= row["latency_p99_s"] and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
 
 
 @pytest.mark.slow
-def test_http_backend_through_the_served_app(ray_cluster, samples, tmp_path):
+def test_http_backend_through_the_served_app(ray_cluster, reference, samples, tmp_path):
     """The whole Ray Serve path (slow: it deploys an app of its own on the test cluster): an Offline
     accuracy run over Saxml /generate with token ids in and out, every response transformers' beams."""
     from ray import serve
@@ -141,7 +147,7 @@ def test_http_backend_through_the_served_app(ray_cluster, samples, tmp_path):
         opts = mlperf.parse_args(["--backend", "http", "--mode", "accuracy", "--count", str(COUNT), "--duration", "1",
                                   "--out", str(tmp_path), "--checkpoint", "tiny"])
         try:
-            row = mlperf.run(opts, backend, samples, mlperf.Reference("tiny", mlperf.Generation()))
+            row = mlperf.run(opts, backend, samples, reference)
         finally:
             backend.close()
         assert (row["errors"], row["compared"], row["fraction_identical"]) == (0, COUNT, 1.0), row
