@@ -23,7 +23,7 @@ logger = logging.getLogger("ray.serve")
 
 def load_driver(args: AppArgs, on_prefill: Callable[[int, list[float]], None] | None = None) -> "Driver":
     """Load `args.checkpoint` onto `args.mesh`, build and warm up the engine: a driver ready to start.
-    The first JAX import of the process happens here. (Also the engine-only side of bench.serve.)"""
+    The first JAX import of the process happens here. (Also the engine side of bench.serve and bench.mlperf.)"""
     from model.nn.sharding import ensure_host_devices
 
     # Both before the first jax import: virtual CPU devices for the mesh, and XLA's CPU threads.
