@@ -10,7 +10,11 @@ The arithmetic, over a vocabulary of `vocab_size` ids (GPT-2's 50257 by default)
 - every token's logprob is -(token % 4) / 4 (exact in float32: 0, -0.25, -0.5, -0.75);
 - the candidates a row reports (`top_tokens`) after last token t are t+1, t+2, ..., the j-th with
   logprob -((t+1) % 4) / 4 - j, so beam search follows t+1, t+2, ... too (best first: the sampled one);
-- sampling settings are ignored (every request decodes as above, seeded or not).
+- sampling settings are ignored (every request decodes as above, seeded or not; penalties, biases
+  and min_tokens too);
+- prompt scores (a row's `score_prompt`): position p, after token x, scores the token that follows
+  with logprob -(token % 4) / 4, and its most likely tokens are x+1, x+2, ... (what the mock would
+  generate there), with the same logprobs.
 So with GPT-2's vocabulary a prompt ending in t reaches <|endoftext|> (50256) after 50256 - t tokens.
 
 Pages: the mock has no KV cache, but it reports a page layout (`page_size`, `num_pages`, by default
@@ -51,12 +55,20 @@ def mock_logprob(tokens: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass
+class MockPromptScores:
+    logprobs: np.ndarray  # [rows, T]
+    top_tokens: np.ndarray  # [rows, T, k]
+    top_logprobs: np.ndarray  # [rows, T, k]
+
+
+@dataclasses.dataclass
 class MockPrefix:
     prompts: list[list[int]]  # every row's prompt (or chunk)
     tokens: np.ndarray  # [rows] first generated token
     logprobs: np.ndarray  # [rows]
     top_tokens: np.ndarray  # [rows, K]
     top_logprobs: np.ndarray  # [rows, K]
+    prompt: MockPromptScores  # every row's, asked for or not
 
 
 @dataclasses.dataclass
@@ -144,7 +156,8 @@ class MockEngine(api.Engine):
     def init_decode_state(self) -> MockDecodeState:
         return MockDecodeState(np.zeros(self._slots, np.int32))
 
-    def prefill(self, prompts, params, existing_prefix: api.PoolPrefix | None = None, steps=None) -> MockPrefix:
+    def prefill(self, prompts, params, existing_prefix: api.PoolPrefix | None = None, steps=None,
+                sequences=None) -> MockPrefix:
         if not prompts or len(prompts) > self._max_prefill_batch:
             raise ValueError(f"prefill of {len(prompts)} prompts; 1 to {self._max_prefill_batch} fit")
         if existing_prefix is not None:
@@ -155,7 +168,21 @@ class MockEngine(api.Engine):
         self._tick()
         self.prefill_batches.append(len(prompts))
         tokens = np.array([(p[-1] + 1) % self._limits.vocab_size for p in prompts], np.int32)
-        return MockPrefix([list(p) for p in prompts], tokens, mock_logprob(tokens), *self._top(tokens))
+        start = existing_prefix.start if existing_prefix is not None else 0
+        return MockPrefix([list(p) for p in prompts], tokens, mock_logprob(tokens), *self._top(tokens),
+                          self._score(prompts, sequences or prompts, start))
+
+    def _score(self, prompts, sequences, start: int) -> MockPromptScores:
+        """The prompt scores of the module docstring; a row's last position scores the token after it
+        in its sequence (0 when there is none)."""
+        t, k, vocab = max(len(p) for p in prompts), max(self._limits.max_top_logprobs, 1), self._limits.vocab_size
+        targets = np.zeros((len(prompts), t), np.int64)
+        tops = np.zeros((len(prompts), t, k), np.int64)
+        for row, (prompt, seq) in enumerate(zip(prompts, sequences)):
+            after = list(seq[start + 1 : start + len(prompt) + 1])
+            targets[row, : len(after)] = after
+            tops[row, : len(prompt)] = (np.asarray(prompt)[:, None] + 1 + np.arange(k)[None, :]) % vocab
+        return MockPromptScores(mock_logprob(targets), tops.astype(np.int32), mock_logprob(tops))
 
     def insert(self, prefix: MockPrefix, state: MockDecodeState, slots: Sequence[int], pages: PagePool,
                start: int = 0) -> MockDecodeState:

@@ -50,13 +50,24 @@ import numpy as np
 from model.engine import api
 from model.engine.api import PoolPrefix
 from model.engine.buckets import smallest_fitting
-from model.engine.sampling import SamplingParams, sample, top_candidates
+from model.engine import penalties, prompt_scores
+from model.engine.penalties import History
+from model.engine.prompt_scores import PromptScores
+from model.engine.sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_SUPPRESSED,
+    NO_TOKEN,
+    SamplingParams,
+    chosen_logprobs,
+    sample,
+    top_candidates,
+)
 from model.nn import paged_attention
 from model.nn import sharding as shard_lib
 from model.nn.config import GPTJConfig
 from model.nn.kv_cache import KVCache
 from model.nn.paged_cache import PagedKV, gather_pages, write_prompt
-from model.nn.sharding import BATCH, CANDIDATES, PAGES, SEQ, ParamSpec, is_spec
+from model.nn.sharding import BATCH, CANDIDATES, ENTRIES, PAGES, SEQ, VOCAB, ParamSpec, is_spec
 from model.nn.transformer import Context, Weights, activation_dtype, decode_forward, forward, logits
 from model.serving.pages import PageLayout, PagePool, cdiv
 from model.serving.request import Limits
@@ -198,12 +209,15 @@ class Prefix:
     top_logprobs: jax.Array  # [b, K] their logprobs
     steps: jax.Array  # [b] the sampling step of `tokens` (0, or the tokens a recomputed request had)
     params: SamplingParams  # [b]
+    history: History  # [b, V] each row's tokens, its first token included (model.engine.penalties)
+    prompt: PromptScores  # [b, T] prompt logprobs of the rows that asked (model.engine.prompt_scores)
 
     @staticmethod
     def param_specs(cfg: GPTJConfig, batch: int, length: int, dtype, kv_int8: bool = False,
-                    candidates: int = 1) -> "Prefix":
+                    candidates: int = 1, prompt_top: int = 1) -> "Prefix":
         row = lambda dt: ParamSpec((batch,), dt, (BATCH,))  # noqa: E731
         top = lambda dt: ParamSpec((batch, candidates), dt, (BATCH, CANDIDATES))  # noqa: E731
+        at = lambda dt, *more: ParamSpec((batch, length, *more), dt, (BATCH, SEQ) + (CANDIDATES,) * len(more))  # noqa: E731
         return Prefix(
             cache=KVCache.param_specs(cfg, batch, length, dtype, kv_int8),
             tokens=row(jnp.int32),
@@ -211,7 +225,10 @@ class Prefix:
             top_tokens=top(jnp.int32),
             top_logprobs=top(jnp.float32),
             steps=row(jnp.int32),
-            params=_sampling_specs(row),
+            params=_sampling_specs(batch),
+            history=_history_specs(cfg, batch),
+            prompt=PromptScores(logprobs=at(jnp.float32), top_tokens=at(jnp.int32, prompt_top),
+                                top_logprobs=at(jnp.float32, prompt_top)),
         )
 
 
@@ -221,6 +238,7 @@ class DecodeState:
     tokens: jax.Array  # [slots] the last generated token, fed to the next step
     steps: jax.Array  # [slots] the sampling step of the next token (the sampling key's step)
     params: SamplingParams  # [slots]
+    history: History  # [slots, V] for penalties (model.engine.penalties)
 
     @staticmethod
     def param_specs(cfg: GPTJConfig, slots: int, total_pages: int, page_size: int, dtype,
@@ -230,7 +248,8 @@ class DecodeState:
             pages=PagedKV.param_specs(cfg, total_pages, page_size, dtype, kv_int8),
             tokens=row(jnp.int32),
             steps=row(jnp.int32),
-            params=_sampling_specs(row),
+            params=_sampling_specs(slots),
+            history=_history_specs(cfg, slots),
         )
 
 
@@ -242,9 +261,25 @@ class StepOutput:
     top_logprobs: jax.Array  # [slots, K]
 
 
-def _sampling_specs(row) -> SamplingParams:
+def _sampling_specs(rows: int) -> SamplingParams:
+    row = lambda dt: ParamSpec((rows,), dt, (BATCH,))  # noqa: E731
+    wide = lambda dt, width: ParamSpec((rows, width), dt, (BATCH, ENTRIES))  # noqa: E731
     return SamplingParams(temperature=row(jnp.float32), top_k=row(jnp.int32), top_p=row(jnp.float32),
-                          seed=row(jnp.int32), wants_candidates=row(jnp.bool_))
+                          seed=row(jnp.int32), wants_candidates=row(jnp.bool_), presence_penalty=row(jnp.float32), frequency_penalty=row(jnp.float32),
+                          repetition_penalty=row(jnp.float32), min_tokens=row(jnp.int32),
+                          bias_ids=wide(jnp.int32, MAX_LOGIT_BIAS), bias_values=wide(jnp.float32, MAX_LOGIT_BIAS),
+                          suppressed=wide(jnp.int32, MAX_SUPPRESSED), score_prompt=row(jnp.bool_))
+
+
+def _history_specs(cfg: GPTJConfig, rows: int) -> History:
+    return History(seen=ParamSpec((rows, cfg.vocab_size), jnp.bool_, (BATCH, VOCAB)),
+                   counts=ParamSpec((rows, cfg.vocab_size), jnp.int32, (BATCH, VOCAB)))
+
+
+def _sample(scores, params: SamplingParams, steps, history: History, real_vocab: int):
+    """Sample from scores [B, V] after each row's penalties and biases; logprobs of the raw scores."""
+    tokens, _ = sample(penalties.adjust(scores, params, history, steps), params, steps, real_vocab)
+    return tokens, chosen_logprobs(scores, tokens, real_vocab)
 
 
 def _constrain(tree, specs, mesh):
@@ -256,29 +291,37 @@ def _constrain(tree, specs, mesh):
     )
 
 
-def _prefill_impl(weights: Weights, tokens, lengths, steps, params: SamplingParams, *, cfg: GPTJConfig, mesh,
-                  kv_int8: bool, candidates: int) -> Prefix:
-    """Prefill whole prompts: row r's tokens are positions 0.. of its sequence."""
-    return _prefill_rows(weights, tokens, lengths, steps, params, jnp.zeros_like(lengths), None, cfg=cfg, mesh=mesh,
-                         kv_int8=kv_int8, candidates=candidates)
+def _prefill_impl(weights: Weights, tokens, lengths, steps, params: SamplingParams, next_tokens, *, cfg: GPTJConfig,
+                  mesh, kv_int8: bool, candidates: int, prompt_top: int) -> Prefix:
+    """Prefill whole prompts: row r's tokens are positions 0.. of its sequence (its whole history)."""
+    return _prefill_rows(weights, tokens, lengths, steps, params, jnp.zeros_like(lengths), None, tokens, lengths,
+                         next_tokens, cfg=cfg, mesh=mesh, kv_int8=kv_int8, candidates=candidates,
+                         prompt_top=prompt_top)
 
 
 def _prefill_context_impl(weights: Weights, pool: PagedKV, tables, starts, tokens, lengths, steps,
-                          params: SamplingParams, *, cfg: GPTJConfig, mesh, kv_int8: bool, candidates: int) -> Prefix:
+                          params: SamplingParams, sequences, sequence_lengths, next_tokens, *, cfg: GPTJConfig, mesh,
+                          kv_int8: bool, candidates: int, prompt_top: int) -> Prefix:
     """Prefill that continues prefixes in the pool: row r's tokens are positions starts[r].. of the
-    sequence whose pages are tables[r] [n], and attend to its first starts[r] positions there."""
+    sequence whose pages are tables[r] [n], and attend to its first starts[r] positions there;
+    sequences [b, max_cache_len] (true lengths [b]) are the whole sequences, for penalties."""
     span = tables.shape[1] * pool.page_size
     context = Context(k=tuple(gather_pages(leaf, tables) for leaf in pool.k),
                       v=tuple(gather_pages(leaf, tables) for leaf in pool.v),
                       valid=jnp.arange(span)[None, :] < starts[:, None])
-    return _prefill_rows(weights, tokens, lengths, steps, params, starts, context, cfg=cfg, mesh=mesh,
-                         kv_int8=kv_int8, candidates=candidates)
+    return _prefill_rows(weights, tokens, lengths, steps, params, starts, context, sequences, sequence_lengths,
+                         next_tokens, cfg=cfg, mesh=mesh, kv_int8=kv_int8, candidates=candidates,
+                         prompt_top=prompt_top)
 
 
 def _prefill_rows(weights: Weights, tokens, lengths, steps, params: SamplingParams, starts, context: Context | None,
-                  *, cfg: GPTJConfig, mesh, kv_int8: bool, candidates: int) -> Prefix:
+                  sequences, sequence_lengths, next_tokens, *, cfg: GPTJConfig, mesh, kv_int8: bool, candidates: int,
+                  prompt_top: int) -> Prefix:
     """Prompt rows tokens [b, T] (true lengths [b]) at positions starts[r].., after `context` when
-    given: their dense KV prefix, and each row's first token sampled at its own step."""
+    given: their dense KV prefix, each row's first token sampled at its own step after its
+    penalties over `sequences` (the last `steps` of each were generated), its top candidates (the
+    model's own), and for rows that ask, the scores of their tokens after the first and of
+    `next_tokens` [b] after the last."""
     b, t = tokens.shape
     specs = KVCache.param_specs(cfg, b, t, activation_dtype(weights), kv_int8)
     cache = _constrain(shard_lib.zeros(specs), specs, mesh)
@@ -287,10 +330,13 @@ def _prefill_rows(weights: Weights, tokens, lengths, steps, params: SamplingPara
     hidden, cache = forward(weights, cfg, tokens, positions, token_valid, cache, jnp.zeros((b,), jnp.int32), context)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
     scores = logits(weights, last)
-    first, logprob = sample(scores, params, steps, cfg.real_vocab_size)
+    history = penalties.history_of(sequences, sequence_lengths, steps, cfg.vocab_size, params)
+    first, logprob = _sample(scores, params, steps, history, cfg.real_vocab_size)
     top_tokens, top_logprobs = top_candidates(scores, params, cfg.real_vocab_size, candidates)
+    targets = prompt_scores.targets_of(tokens, lengths, next_tokens)
+    scored = prompt_scores.score(weights, hidden, targets, params.score_prompt, cfg.real_vocab_size, prompt_top)
     return Prefix(cache=cache, tokens=first, logprobs=logprob, top_tokens=top_tokens, top_logprobs=top_logprobs,
-                  steps=steps, params=params)
+                  steps=steps, params=params, history=penalties.add(history, first, params), prompt=scored)
 
 
 def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, page_ids, *, mesh, specs) -> DecodeState:
@@ -306,6 +352,7 @@ def _insert_impl(prefix: Prefix, state: DecodeState, slot_ids, page_ids, *, mesh
         tokens=put(state.tokens, prefix.tokens),
         steps=put(state.steps, prefix.steps + 1),
         params=jax.tree.map(put, state.params, prefix.params),
+        history=jax.tree.map(put, state.history, prefix.history),
     )
     return _constrain(new, specs, mesh)
 
@@ -316,9 +363,10 @@ def _generate_impl(weights: Weights, state: DecodeState, block_tables, positions
     hidden, pages = decode_forward(weights, cfg, state.tokens, positions, state.pages, block_tables,
                                    attention_impl=attention_impl, mesh=mesh)
     scores = logits(weights, hidden)
-    tokens, logprobs = sample(scores, state.params, state.steps, cfg.real_vocab_size)
+    tokens, logprobs = _sample(scores, state.params, state.steps, state.history, cfg.real_vocab_size)
     top_tokens, top_logprobs = top_candidates(scores, state.params, cfg.real_vocab_size, candidates)
-    new = DecodeState(pages=pages, tokens=tokens, steps=state.steps + 1, params=state.params)
+    new = DecodeState(pages=pages, tokens=tokens, steps=state.steps + 1, params=state.params,
+                      history=penalties.add(state.history, tokens, state.params))
     return _constrain(new, specs, mesh), StepOutput(tokens=tokens, logprobs=logprobs, top_tokens=top_tokens,
                                                     top_logprobs=top_logprobs)
 
@@ -328,7 +376,8 @@ def _fork_impl(state: DecodeState, dst_slots, src_slots, tokens, src_pages, dst_
     """Beam search's reorder: slot dst_slots[i] takes slot src_slots[i]'s sampling settings and step
     and decodes `tokens[i]` next (dst == slots: a padding entry, dropped); then page src_pages[j] is
     copied to dst_pages[j] (a beam's own copy of its parent's last, partial page; padding copies the
-    trash page onto itself). Every other slot and page is untouched."""
+    trash page onto itself). Every other slot and page is untouched, and so is every slot's penalty
+    history (beam search takes no penalties: Limits.check_logits)."""
     put = lambda dst, src: dst.at[dst_slots].set(src, mode="drop")  # noqa: E731
     take = lambda a: a[src_slots]  # noqa: E731
     copy = lambda leaf: leaf.at[:, dst_pages].set(leaf[:, src_pages])  # noqa: E731  pages are axis 1 (scales too)
@@ -337,6 +386,7 @@ def _fork_impl(state: DecodeState, dst_slots, src_slots, tokens, src_pages, dst_
         tokens=put(state.tokens, tokens),
         steps=put(state.steps, take(state.steps)),
         params=jax.tree.map(lambda a: put(a, take(a)), state.params),
+        history=state.history,
     )
     return _constrain(new, specs, mesh)
 
@@ -356,7 +406,8 @@ class PagedEngine(api.Engine):
         self._layout = PageLayout(config.page_size, self._pool_pages(), config.pages_per_seq(model_config))
         self._prefill_buckets = config.prefill_buckets(model_config, self._layout.num_pages)
         self._limits = Limits(model_config.real_vocab_size, tuple(config.prompt_buckets), self.cache_len,
-                              self._layout.capacity_tokens, config.beam_limit, config.page_size)
+                              self._layout.capacity_tokens, config.beam_limit, config.page_size,
+                              max_top_logprobs=config.max_top_logprobs)
         self.attention_impl = _attention_impl(model_config, config, self.mesh)
         self._state_specs = DecodeState.param_specs(model_config, config.slots, self._layout.num_pages + 1,
                                                     config.page_size, self.dtype, config.kv_int8)
@@ -434,25 +485,33 @@ class PagedEngine(api.Engine):
         return jax.device_put(shard_lib.zeros(self._state_specs), shard_lib.shardings(self.mesh, self._state_specs))
 
     def prefill(self, prompts: Sequence[Sequence[int]], params: SamplingParams, existing_prefix: PoolPrefix | None = None,
-                steps: Sequence[int] | None = None) -> Prefix:
+                steps: Sequence[int] | None = None, sequences: Sequence[Sequence[int]] | None = None) -> Prefix:
         """Prefill a batch of token-id prompts (padded here to buckets). `params` has one row per
         prompt (host arrays); padding rows get greedy settings. `steps`: each prompt's first sampling
         step (default 0; a recomputed request continues its own). With `existing_prefix`, one prompt of
         at most `prefill_chunk_tokens` continues a sequence already in the pool (chunked prefill, a
-        cached prefix); `insert` it with the same start."""
+        cached prefix); `insert` it with the same start. `sequences`: each row's whole sequence when
+        the prompt rows are parts of it (chunks, from `existing_prefix.start` or 0): penalties count
+        all of it, and prompt scores score the token after the part."""
         n = len(prompts)
         if n == 0:
             raise ValueError("prefill needs at least one prompt")
         first_steps = np.zeros((n,), np.int32)
         first_steps[:] = steps if steps is not None else 0
+        start = existing_prefix.start if existing_prefix is not None else 0
+        next_tokens = np.full((n,), NO_TOKEN, np.int32)
+        for row, (prompt, seq) in enumerate(zip(prompts, sequences or ())):
+            if start + len(prompt) < len(seq):
+                next_tokens[row] = seq[start + len(prompt)]
         if existing_prefix is not None:
-            return self._prefill_continuing(prompts, params, existing_prefix, first_steps)
+            return self._prefill_continuing(prompts, params, existing_prefix, first_steps, sequences, next_tokens)
         t = self._bucket(max(len(p) for p in prompts), self._prefill_buckets, "prompt")
         b = self._bucket(n, self.config.batch_buckets, "prefill batch")
         tokens, lengths = _padded(prompts, b, t)
-        return self._prefill(self.weights, tokens, lengths, np.pad(first_steps, (0, b - n)), _pad_rows(params, b))
+        return self._prefill(self.weights, tokens, lengths, np.pad(first_steps, (0, b - n)), _pad_rows(params, b),
+                             np.pad(next_tokens, (0, b - n), constant_values=NO_TOKEN))
 
-    def _prefill_continuing(self, prompts, params, prefix: PoolPrefix, steps) -> Prefix:
+    def _prefill_continuing(self, prompts, params, prefix: PoolPrefix, steps, sequences, next_tokens) -> Prefix:
         chunk, page = self.config.prefill_chunk_tokens, self.config.page_size
         if chunk is None:
             raise NotImplementedError("continuing a prefix needs prefill_chunk_tokens (chunked prefill) set")
@@ -465,8 +524,9 @@ class PagedEngine(api.Engine):
         n = self._bucket(prefix.start // page, self.page_buckets, "prefix page count")
         tokens, lengths = _padded(prompts, 1, self._bucket(len(prompts[0]), self._prefill_buckets, "prompt"))
         tables = prefix.pages.table[[prefix.slot], :n].copy()
+        whole = _padded(sequences or [[0] * prefix.start + list(prompts[0])], 1, self.cache_len)
         return self._prefill_context(self.weights, prefix.state.pages, tables, np.array([prefix.start], np.int32),
-                                     tokens, lengths, steps, params)
+                                     tokens, lengths, steps, params, *whole, next_tokens)
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int], pages: PagePool,
                start: int = 0) -> DecodeState:
@@ -576,7 +636,7 @@ def _jitted(cfg: GPTJConfig, config: EngineConfig, mesh, specs: DecodeState, att
     fork (beam search's reorder; donates it)."""
     candidates = config.top_candidates
     prefill = jax.jit(functools.partial(_prefill_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8,
-                                        candidates=candidates))
+                                        candidates=candidates, prompt_top=_prompt_top(config)))
     insert = jax.jit(functools.partial(_insert_impl, mesh=mesh, specs=specs), donate_argnums=(1,))
     generate = jax.jit(functools.partial(_generate_impl, cfg=cfg, mesh=mesh, specs=specs,
                                          attention_impl=attention_impl, candidates=candidates), donate_argnums=(1,))
@@ -587,7 +647,12 @@ def _jitted(cfg: GPTJConfig, config: EngineConfig, mesh, specs: DecodeState, att
 def _jitted_continuing(cfg: GPTJConfig, config: EngineConfig, mesh):
     """The prefill that continues a prefix in the pool (reads the pool, donates nothing)."""
     return jax.jit(functools.partial(_prefill_context_impl, cfg=cfg, mesh=mesh, kv_int8=config.kv_int8,
-                                     candidates=config.top_candidates))
+                                     candidates=config.top_candidates, prompt_top=_prompt_top(config)))
+
+
+def _prompt_top(config: EngineConfig) -> int:
+    """How many most likely tokens prompt scores keep per position (lax.top_k needs at least one)."""
+    return max(config.max_top_logprobs, 1)
 
 
 def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dtype, quantize: bool,
@@ -600,6 +665,7 @@ def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dt
         raise ValueError("lowering needs an explicit num_pages: there is no device memory to size the pool from")
     config.validate(model_config)
     cfg = model_config
+    cache_len = config.cache_len(cfg)
     abstract = lambda specs: jax.tree.map(  # noqa: E731
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard_lib.named_sharding(mesh, s)), specs,
         is_leaf=is_spec)
@@ -612,7 +678,8 @@ def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dt
     for t in config.prefill_buckets(cfg, config.num_pages):
         for b in config.batch_buckets:
             rows = abstract(Prefix.param_specs(cfg, b, t, dtype, config.kv_int8, config.top_candidates))
-            args = (weights, int32((b, t), (BATCH, SEQ)), int32((b,), (BATCH,)), rows.steps, rows.params)
+            args = (weights, int32((b, t), (BATCH, SEQ)), int32((b,), (BATCH,)), rows.steps, rows.params,
+                    int32((b,), (BATCH,)))
             targets.append((f"prefill_t{t}_b{b}", prefill, args))
             page_ids = int32((b, cdiv(t, config.page_size)), (BATCH, PAGES))
             targets.append((f"insert_t{t}_b{b}", insert, (rows, state, int32((b,), (BATCH,)), page_ids)))
@@ -620,7 +687,8 @@ def lowering_targets(model_config: GPTJConfig, config: EngineConfig, mesh, *, dt
     for t, n, _, _ in config.continuing_shapes(cfg, config.num_pages):
         row = abstract(Prefix.param_specs(cfg, 1, t, dtype, config.kv_int8, config.top_candidates))
         args = (weights, state.pages, int32((1, n), (BATCH, PAGES)), int32((1,), (BATCH,)), int32((1, t), (BATCH, SEQ)),
-                int32((1,), (BATCH,)), row.steps, row.params)
+                int32((1,), (BATCH,)), row.steps, row.params, int32((1, cache_len), (BATCH, SEQ)),
+                int32((1,), (BATCH,)), int32((1,), (BATCH,)))
         targets.append((f"prefill_continue_t{t}_p{n}", continuing, args))
     for n in config.decode_page_buckets(cfg):
         block_tables = int32((config.slots, n), (BATCH, PAGES))
@@ -642,6 +710,6 @@ def _padded(prompts: Sequence[Sequence[int]], rows: int, length: int) -> tuple[n
 
 def _pad_rows(params: SamplingParams, rows: int) -> SamplingParams:
     """Pad host sampling settings to `rows` rows with greedy, unfiltered settings."""
-    n = len(params.temperature)
-    greedy = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, seed=0, wants_candidates=False)
-    return jax.tree.map(lambda a, fill: np.pad(np.asarray(a), (0, rows - n), constant_values=fill), params, greedy)
+    extra = rows - len(params.temperature)
+    neutral = SamplingParams.host([0.0] * extra, [0] * extra, [1.0] * extra, [0] * extra)
+    return jax.tree.map(lambda a, pad: np.concatenate([np.asarray(a), pad]), params, neutral)

@@ -22,8 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.serving.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
+
 MIN_TEMPERATURE = 1e-6
 MAX_TEMPERATURE = 1e6
+
+
+MAX_SUPPRESSED = MAX_STOP_TOKEN_IDS + 1  # what min_tokens holds back per request: its stop token ids and EOS
+NO_TOKEN = 2**30  # pads bias_ids / suppressed: out of range, so every scatter drops it
 
 
 @flax.struct.dataclass
@@ -33,16 +39,47 @@ class SamplingParams:
     top_p: jax.Array  # [B] float32; 1 means off
     seed: jax.Array  # [B] int32
     wants_candidates: jax.Array  # [B] bool: the row's most likely tokens are read (beam search, top logprobs)
+    # Per-request adjustments of the logits before sampling (model.engine.penalties).
+    presence_penalty: jax.Array  # [B] float32; 0 means off
+    frequency_penalty: jax.Array  # [B] float32; 0 means off
+    repetition_penalty: jax.Array  # [B] float32; 1 means off
+    min_tokens: jax.Array  # [B] int32: `suppressed` cannot be sampled before this many tokens
+    bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS] int32 token ids (NO_TOKEN pads)
+    bias_values: jax.Array  # [B, MAX_LOGIT_BIAS] float32 added to those logits
+    suppressed: jax.Array  # [B, MAX_SUPPRESSED] int32: EOS and stop token ids (NO_TOKEN pads)
+    score_prompt: jax.Array  # [B] bool: prefill also scores every prompt token (model.engine.prompt_scores)
 
     @staticmethod
-    def host(temperature, top_k, top_p, seed, wants_candidates=None) -> "SamplingParams":
-        """From Python lists (one entry per row), as numpy arrays ready to pass to jit."""
+    def host(temperature, top_k, top_p, seed, wants_candidates=None, *, presence_penalty=None, frequency_penalty=None,
+             repetition_penalty=None, min_tokens=None, logit_bias=None, suppressed=None,
+             score_prompt=None) -> "SamplingParams":
+        """From Python lists (one entry per row), as numpy arrays ready to pass to jit. The keyword
+        settings default to off; `logit_bias` is a list of {token id: bias} per row, `suppressed` a
+        list of token-id lists per row."""
+        n = len(temperature)
+        fill = lambda values, default: np.full((n,), default) if values is None else values  # noqa: E731
+        bias_ids = np.full((n, MAX_LOGIT_BIAS), NO_TOKEN, np.int32)
+        bias_values = np.zeros((n, MAX_LOGIT_BIAS), np.float32)
+        for row, bias in enumerate(logit_bias or ()):
+            bias_ids[row, : len(bias)] = list(bias)
+            bias_values[row, : len(bias)] = list(bias.values())
+        held = np.full((n, MAX_SUPPRESSED), NO_TOKEN, np.int32)
+        for row, ids in enumerate(suppressed or ()):
+            held[row, : len(ids)] = list(ids)
         return SamplingParams(
             temperature=np.asarray(temperature, np.float32),
             top_k=np.asarray(top_k, np.int32),
             top_p=np.asarray(top_p, np.float32),
             seed=np.asarray(seed, np.int32),
             wants_candidates=np.zeros(len(seed), bool) if wants_candidates is None else np.asarray(wants_candidates, bool),
+            presence_penalty=np.asarray(fill(presence_penalty, 0.0), np.float32),
+            frequency_penalty=np.asarray(fill(frequency_penalty, 0.0), np.float32),
+            repetition_penalty=np.asarray(fill(repetition_penalty, 1.0), np.float32),
+            min_tokens=np.asarray(fill(min_tokens, 0), np.int32),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+            suppressed=held,
+            score_prompt=np.asarray(fill(score_prompt, False), bool),
         )
 
 

@@ -37,6 +37,7 @@ QKV = "qkv"  # the stacked q / k / v axis of the fused projection
 FF = "ff"  # d_ff
 VOCAB = "vocab"
 CANDIDATES = "candidates"  # a row's most likely next tokens (beam search, top logprobs)
+ENTRIES = "entries"  # a row's list of settings or results (logit-bias entries, top tokens of a prompt position)
 
 TP = "tp"  # the mesh axis
 
@@ -54,6 +55,7 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     FF: TP,
     VOCAB: TP,
     CANDIDATES: None,
+    ENTRIES: None,
 }
 
 

@@ -24,7 +24,9 @@ collected before the next is dispatched (no pipelining while beams decode). A be
 delivers one Output when it ends: the best beam, its score and every finished beam.
 
 Outputs are delivered through the callback given to `submit`, from the thread that runs `step()`;
-each `Output` carries the new token ids, their logprobs and the new text. The driver never writes
+each `Output` carries the new token ids, their logprobs and the new text. A request with
+`prompt_logprobs` has its prompt scored by its first prefill (every chunk of it, when chunked; never
+again by a recompute after preemption) and the scores go out with its first Output. The driver never writes
 into a caller's `Request` (a request without a seed gets one in the scheduler's own record).
 
 The driver is used synchronously (`generate`, for the CLI and tests) or from its own thread
@@ -73,6 +75,7 @@ class Driver:
         self._state = engine.init_decode_state()
         self._in_flight: tuple[Sampled, list[tuple[Scheduled, int] | None]] | None = None  # the last decode step
         self._beams: dict[str, BeamSearch] = {}  # by request id: the beam requests decoding
+        self._scored: dict[str, tuple[list, list]] = {}  # prompt scores of chunked prompts, chunk by chunk
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
@@ -188,9 +191,14 @@ class Driver:
 
     def _prefill(self, batch: PrefillBatch) -> None:
         admitted_at = time.monotonic()
-        params = _sampling_params(batch.requests)
+        params = _sampling_params(batch.requests, self.engine.eos_token_id)
         prefix = self.engine.prefill([s.tokens for s in batch.requests], params,
                                      steps=[len(s.generated) for s in batch.requests])
+        if params.score_prompt.any():
+            scores = jax.device_get(prefix.prompt)
+            for row, s in enumerate(batch.requests):
+                if params.score_prompt[row]:
+                    self._collect_scores(s, scores, row, 0, len(s.tokens), final=True)
         self._state = self.engine.insert(prefix, self._state, batch.slots, self._scheduler.pages)
         self.stats["prefill_batches"] += 1
         self.stats["prefill_rows"] += len(batch.requests)
@@ -201,10 +209,12 @@ class Driver:
     def _prefill_chunk(self, chunk: PrefillChunk) -> None:
         """One chunk of a long prompt into its slot's pages; the last one samples its first token."""
         s = chunk.request
-        params = _sampling_params([s])
+        params = _sampling_params([s], self.engine.eos_token_id)
         pages = self._scheduler.pages
         existing = PoolPrefix(self._state, pages, s.slot, chunk.start) if chunk.start else None
-        prefix = self.engine.prefill([chunk.tokens], params, existing, steps=[len(s.generated)])
+        prefix = self.engine.prefill([chunk.tokens], params, existing, steps=[len(s.generated)], sequences=[s.tokens])
+        if params.score_prompt[0]:
+            self._collect_scores(s, jax.device_get(prefix.prompt), 0, chunk.start, len(chunk.tokens), chunk.final)
         self._state = self.engine.insert(prefix, self._state, [s.slot], pages, start=chunk.start)
         self.stats["prefill_chunks"] += 1
         if chunk.final:
@@ -257,6 +267,20 @@ class Driver:
         self._deliver(s, Output(s.request_id, best.token_ids, best.logprobs, best.text, True,
                                 "stop" if best.token_ids[-1] == eos else "length", score=best.score, beams=beams))
 
+    def _collect_scores(self, s: Scheduled, scores, row: int, start: int, length: int, final: bool) -> None:
+        """Row `row` of a prefill's prompt scores (host arrays), for tokens start+1.. of `s`'s prompt
+        (its prompt from `start`, `length` tokens: the whole prompt or one chunk); the prompt's last
+        chunk hands them all to its stream, to go out with its first token."""
+        if start == 0:  # the first chunk (again, after a preemption mid-prompt)
+            self._scored[s.request_id] = ([None], [None])  # the first prompt token has no score
+        logprobs, tops = self._scored[s.request_id]
+        n, k = length - 1 if final else length, s.request.prompt_logprobs
+        logprobs += scores.logprobs[row, :n].tolist()
+        tops += [dict(zip(ids[:k].tolist(), lps[:k].tolist()))
+                 for ids, lps in zip(scores.top_tokens[row, :n], scores.top_logprobs[row, :n])]
+        if final:
+            self._stream(s).score_prompt(*self._scored.pop(s.request_id))
+
     def _accept(self, s: Scheduled, token: int, logprob: float) -> None:
         s.generated.append(token)
         out = self._stream(s).accept(token, logprob)
@@ -281,6 +305,7 @@ class Driver:
         on_output = self._streams[s.request_id][1]
         if out.finished:
             del self._streams[s.request_id]
+            self._scored.pop(s.request_id, None)
         on_output(out)
 
     def fail_all(self, error: BaseException) -> None:
@@ -333,8 +358,17 @@ class Driver:
                 return
 
 
-def _sampling_params(scheduled: Sequence[Scheduled]) -> SamplingParams:
-    """Host sampling settings, a row per request, with each request's seed as the scheduler holds it."""
+def _sampling_params(scheduled: Sequence[Scheduled], eos_token_id: int) -> SamplingParams:
+    """Host sampling settings, a row per request, with each request's seed as the scheduler holds it.
+    min_tokens holds back the request's stop tokens (EOS among them unless it ignores EOS); only a
+    request's first prefill scores its prompt (a recompute after preemption has delivered them)."""
     reqs = [s.request for s in scheduled]
-    return SamplingParams.host([r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
-                               [s.seed for s in scheduled], [r.num_beams > 1 for r in reqs])
+    return SamplingParams.host(
+        [r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs], [s.seed for s in scheduled],
+        [r.num_beams > 1 or r.top_logprobs > 0 for r in reqs],
+        presence_penalty=[r.presence_penalty for r in reqs], frequency_penalty=[r.frequency_penalty for r in reqs],
+        repetition_penalty=[r.repetition_penalty for r in reqs], min_tokens=[r.min_tokens for r in reqs],
+        logit_bias=[dict(r.logit_bias) for r in reqs],
+        suppressed=[list(r.stop_token_ids) + ([eos_token_id] if r.stop_at_eos else []) for r in reqs],
+        score_prompt=[r.prompt_logprobs is not None and not s.generated for s, r in zip(scheduled, reqs)],
+    )

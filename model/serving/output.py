@@ -6,7 +6,11 @@ One `OutputStream` per request turns each token the engine sampled into an `Outp
 - text is detokenised incrementally (never half a UTF-8 character, model.text.tokenizer);
 - stop strings are matched on the text; text that could still be the start of a stop string is held
   back, so a stop string never reaches the caller, and the text is cut where the first one begins;
-- `max_tokens` ends the request with reason "length".
+- `max_tokens` ends the request with reason "length" (0: right after the prefill, no token returned,
+  for a request that only scores its prompt);
+- before `min_tokens` tokens, stop strings do not end the request (vLLM's rule; stop tokens and EOS
+  cannot be sampled then: the engine holds them back);
+- a request's prompt scores (`prompt_logprobs`, from its prefill) go out with its first Output.
 Deciding that a request has ended is this module's job (vLLM keeps stop-string matching beside
 detokenisation too); freeing what it held is the scheduler's, which the driver tells.
 """
@@ -41,6 +45,10 @@ class Output:
     error: str | None = None
     score: float | None = None  # beam search: the best beam's score (its tokens are `token_ids`)
     beams: list[Beam] | None = None  # beam search: every finished beam, best first
+    # The first Output of a request with `prompt_logprobs`: per prompt token (the first has none: None),
+    # its logprob and the request's `prompt_logprobs` most likely tokens at its position, best first.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -55,6 +63,8 @@ class Result:
     finish_reason: str
     score: float | None = None  # beam search (see Output)
     beams: list[Beam] | None = None
+    prompt_logprobs: list[float | None] | None = None  # see Output
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
     @staticmethod
     def of(request: Request, outputs: list[Output]) -> "Result":
@@ -67,6 +77,8 @@ class Result:
             finish_reason=outputs[-1].finish_reason,
             score=outputs[-1].score,
             beams=outputs[-1].beams,
+            prompt_logprobs=outputs[0].prompt_logprobs,
+            prompt_top_logprobs=outputs[0].prompt_top_logprobs,
         )
 
 
@@ -81,18 +93,26 @@ class OutputStream:
         self._text = ""  # all text so far (complete characters)
         self._sent = 0  # how much of it has been delivered
         self.n_tokens = 0
+        self._prompt_scores: tuple[list, list] | None = None  # to go out with the next Output
+
+    def score_prompt(self, logprobs: list[float | None], top: list[dict[int, float] | None]) -> None:
+        """The prompt's scores (see Output), delivered with the next Output."""
+        self._prompt_scores = (logprobs, top)
 
     def accept(self, token: int, logprob: float) -> Output:
         """The request's next sampled token; the Output is `finished` when it ended the request."""
+        if self.request.max_tokens == 0:  # the prompt is scored: nothing to generate
+            return self.end("length")
         if token in self._stop_ids:
             return self.end("stop")
         self.n_tokens += 1
+        before = len(self._text)
         self._text += self._detok.push(token)
         reason = None
-        if self._longest_stop:
-            # Only the tail can hold a new match: it must end in text added by this token.
-            start = max(0, self._sent - self._longest_stop)
-            hits = [i for i in (self._text.find(s, start) for s in self.request.stop) if i >= 0]
+        if self._longest_stop and self.n_tokens >= self.request.min_tokens:
+            # A new match must end in text added by this token (one inside older text, not matched
+            # before min_tokens, never ends the request later).
+            hits = [i for i in (self._text.find(s, max(0, before - len(s) + 1)) for s in self.request.stop) if i >= 0]
             if hits:
                 self._text = self._text[: min(hits)]
                 reason = "stop"
@@ -110,4 +130,8 @@ class OutputStream:
 
     def _output(self, token_ids, logprobs, upto: int, reason: str | None = None, error: str | None = None) -> Output:
         text, self._sent = self._text[self._sent : upto], upto
-        return Output(self.request.request_id, token_ids, logprobs, text, reason is not None, reason, error)
+        out = Output(self.request.request_id, token_ids, logprobs, text, reason is not None, reason, error)
+        if self._prompt_scores is not None:
+            out.prompt_logprobs, out.prompt_top_logprobs = self._prompt_scores
+            self._prompt_scores = None
+        return out

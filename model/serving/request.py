@@ -21,6 +21,10 @@ from model.engine.buckets import smallest_fitting
 
 FLOAT32_MAX = 3.4028234663852886e38  # sampling settings travel to the device as float32
 INT32_LIMIT = 2**31  # the engine holds top_k and seeds as int32
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (the engine's per-row width)
+MAX_STOP_TOKEN_IDS = 15  # stop token ids per request: with EOS, what min_tokens holds back on the device
+MAX_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,14 @@ class Request:
     num_beams: int = 1  # > 1: beam search by transformers' rules (greedy only; no stop strings or stop tokens)
     length_penalty: float = 1.0  # beam search: a finished beam scores sum(logprobs) / generated_len ** this
     early_stopping: bool = True  # beam search: stop once num_beams beams have finished
+    # Logit adjustments, applied on the device before sampling (model.engine.penalties); logprobs stay the model's.
+    presence_penalty: float = 0.0  # OpenAI's: -p for every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: -f x times each token was generated so far
+    repetition_penalty: float = 1.0  # transformers': tokens of prompt and output divided (positive) / multiplied by it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, added to the logits
+    # Scores reported beside the tokens.
+    top_logprobs: int = 0  # the most likely alternatives reported per generated token
+    prompt_logprobs: int | None = None  # score the prompt: each token's logprob and this many alternatives
     request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -62,6 +74,7 @@ class Limits:
     kv_capacity_tokens: int | None = None  # the whole KV page pool; a longer sequence could never run
     max_beams: int = 1  # the most beams a request may search with
     kv_page_size: int = 1  # tokens per KV page (how many pages a beam request's divergent beams can take)
+    max_top_logprobs: int = 5  # the most alternatives reported per token (top_logprobs, prompt_logprobs)
 
     @property
     def max_prompt_length(self) -> int:
@@ -103,8 +116,10 @@ class Limits:
     def check(self, r: Request) -> None:
         """Everything about `r`: raises RequestRejected naming the problem; a request that passes can be
         served as asked."""
-        if not _is_int(r.max_tokens) or r.max_tokens < 1:
-            raise RequestRejected(f"max_tokens must be a positive integer, got {r.max_tokens!r}", "max_tokens")
+        scoring = r.prompt_logprobs is not None  # then max_tokens 0 scores the prompt only
+        if not _is_int(r.max_tokens) or r.max_tokens < (0 if scoring else 1):
+            what = "a non-negative integer when the prompt is scored" if scoring else "a positive integer"
+            raise RequestRejected(f"max_tokens must be {what}, got {r.max_tokens!r}", "max_tokens")
         self.check_prompt(r.prompt_ids, r.max_tokens)
         if not r.temperature >= 0:  # also catches NaN
             raise RequestRejected(f"temperature must be >= 0, got {r.temperature}", "temperature")
@@ -121,7 +136,46 @@ class Limits:
         if not _is_int(r.min_tokens) or not 0 <= r.min_tokens <= r.max_tokens:
             raise RequestRejected(f"min_tokens must be an integer in [0, max_tokens={r.max_tokens}], got "
                                   f"{r.min_tokens!r}", "min_tokens")
+        self.check_logits(r)
         self.check_beams(r)
+
+    def check_logits(self, r: Request) -> None:
+        """Penalties, logit bias, stop token ids and the scores asked for."""
+        for field in ("presence_penalty", "frequency_penalty"):
+            value = getattr(r, field)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # also catches NaN
+                raise RequestRejected(f"{field} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}", field)
+        if not 0 < r.repetition_penalty <= FLOAT32_MAX:
+            raise RequestRejected(f"repetition_penalty must be a positive finite number, got {r.repetition_penalty}",
+                                  "repetition_penalty")
+        if len(r.logit_bias) > MAX_LOGIT_BIAS:
+            raise RequestRejected(f"logit_bias has {len(r.logit_bias)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias")
+        for token, bias in r.logit_bias:
+            if not (_is_int(token) and 0 <= token < self.vocab_size):
+                raise RequestRejected(f"logit_bias: token id {token!r} is outside the vocabulary [0, "
+                                      f"{self.vocab_size})", "logit_bias")
+            if not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise RequestRejected(f"logit_bias: the bias of token {token} must be in [-{MAX_BIAS:g}, "
+                                      f"{MAX_BIAS:g}], got {bias}", "logit_bias")
+        if len({t for t, _ in r.logit_bias}) != len(r.logit_bias):
+            raise RequestRejected("logit_bias names a token id twice", "logit_bias")
+        if len(r.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestRejected(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(r.stop_token_ids)}",
+                                  "stop_token_ids")
+        for field in ("top_logprobs", "prompt_logprobs"):
+            value = getattr(r, field)
+            if value is not None and not (_is_int(value) and 0 <= value <= self.max_top_logprobs):
+                raise RequestRejected(f"{field} must be an integer in [0, {self.max_top_logprobs}], got {value!r}",
+                                      field)
+        if r.num_beams > 1:  # beams extend the model's own top candidates, and report only their tokens' logprobs
+            adjusted = (r.presence_penalty != 0 or r.frequency_penalty != 0 or r.repetition_penalty != 1
+                        or r.logit_bias)
+            if adjusted:
+                raise RequestRejected("penalties and logit_bias are not supported with beam search (num_beams="
+                                      f"{r.num_beams})", "num_beams")
+            if r.top_logprobs or r.prompt_logprobs is not None:
+                raise RequestRejected(f"top and prompt logprobs are not reported with beam search (num_beams="
+                                      f"{r.num_beams})", "logprobs")
 
     def check_beams(self, r: Request) -> None:
         """Beam search settings: up to `max_beams` beams, greedy, ended by EOS and max_tokens only."""

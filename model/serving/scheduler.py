@@ -191,7 +191,8 @@ class Scheduler:
             if not self._waiting or len(free) < self._waiting[0].beams:
                 return None
             s = self._waiting[0]
-            shared = self.pages.cached_prefix(s.tokens)
+            # A request that scores its prompt computes all of it: cached pages hold no logits.
+            shared = self.pages.cached_prefix(s.tokens) if s.request.prompt_logprobs is None else []
             if s.bucket != 0 and not shared:  # a whole-prompt prefill (`_admit`)
                 return None
             cached = self.pages.admit(free[0], s.tokens, shared, reserve=s.beams - 1)
