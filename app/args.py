@@ -80,7 +80,7 @@ class AppArgs(BaseModel):
     default_max_tokens: int = Field(16, ge=1)
     max_request_bytes: int | None = Field(
         None, ge=1024, description="larger bodies get 413; None: what the largest valid request can use "
-        "(app.completions.default_request_bytes: max_prompts prompts of the longest bucket, 4 stop strings)"
+        "(app.completions.default_request_bytes: max_prompts prompts of the longest bucket, max_stops stop strings)"
     )
     max_prompts: int = Field(8, ge=1, description="prompts in one request (a list of prompts); more get 400")
     request_body_timeout_s: float = Field(
@@ -97,7 +97,11 @@ class AppArgs(BaseModel):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="largest max_tokens a request may ask for (400 above it); None: what fits the context"
     )
-    max_n: int = Field(8, ge=1, description="largest `n` (completions per prompt)")
+    max_n: int = Field(8, ge=1, description="largest `n` (completions per prompt), and of `best_of`")
+    max_stops: int = Field(16, ge=1, description="stop sequences per request (OpenAI allows 4; lm-evaluation-harness "
+                           "sends a task's stops plus EOS)")
+    max_top_logprobs: int = Field(5, ge=0, le=20, description="largest `logprobs` (most likely alternatives per "
+                                  "token); the engine computes this many for every prompt position it scores")
     saxml_tokenized: bool = Field(
         False, description="/generate takes `query` as comma-separated token ids and answers each beam's token ids "
         "the same way, as Saxml's GPTJ4Tokenized servables (TOKENIZED_INPUT / TOKENIZED_OUTPUT) did for MLPerf"
@@ -153,4 +157,5 @@ class AppArgs(BaseModel):
             slots=self.slots, max_cache_len=self.max_cache_len, kv_cache_dtype=self.kv_cache_dtype,
             page_size=self.page_size, num_pages=self.kv_pages, hbm_utilization=self.hbm_utilization,
             prefill_chunk_tokens=chunk, enable_prefix_caching=self.enable_prefix_caching,
+            max_top_logprobs=self.max_top_logprobs,
         )

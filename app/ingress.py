@@ -4,11 +4,14 @@ HTTP routes:
     POST /v1/completions   OpenAI completions; `stream: true` answers with server-sent events, one
                            event per chunk of tokens, ending with `data: [DONE]`
     GET  /v1/models        the one model, under `args.model_name`
+    GET  /v1/models/{id}   that model (OpenAI's models.retrieve); 404 for any other name
+    POST /tokenize         vLLM's: {"prompt"} -> {"count", "max_model_len", "tokens", "token_strs"}
+    POST /detokenize       vLLM's: {"tokens"} -> {"prompt"}
     POST /generate         Saxml's HTTP shape: {"model", "query", "extra_inputs"} -> {"generate_response"}:
                            [[text, score]], or with extra_inputs.beam_size > 1 every finished beam,
                            best first (token ids in and out with the app's saxml_tokenized)
-    GET  /healthz          liveness: this process answers
-    GET  /readyz           readiness: a model replica has loaded and warmed up (503 until then)
+    GET  /healthz          liveness: this process answers (also /health, vLLM's name; HEAD too)
+    GET  /readyz           readiness: a model replica has loaded and warmed up (503 until then; HEAD too)
     GET  /v1/stats         the batcher's and every replica's counters (prefill batches, slots, ...)
     GET  /openapi.json     this API's OpenAPI document (app.openapi; and /docs, its Swagger UI)
 
@@ -70,10 +73,14 @@ from app.schemas import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     SaxmlGenerateRequest,
     SaxmlGenerateResponse,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from app.streaming import Timing, merge_streams, sse_events
 from model.ckpt import tokenizer_for
@@ -171,6 +178,40 @@ class Ingress:
         self._screen(http)
         return ModelList(data=[ModelCard(id=self._args.model_name, created=self._started)])
 
+    @api.get("/v1/models/{model_id}", response_model=ModelCard, responses={404: error_doc("No such model.")})
+    async def model(self, model_id: str, http: HTTPRequest) -> ModelCard:
+        self._screen(http)
+        if model_id != self._args.model_name:
+            raise InvalidRequest(f"the model {excerpt(model_id)} does not exist; this server serves "
+                                 f"{self._args.model_name!r}", "model", 404)
+        return ModelCard(id=self._args.model_name, created=self._started)
+
+    @api.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(self, http: HTTPRequest):
+        self._screen(http, has_body=True)
+        with self._guard.hold():
+            request = parse(TokenizeRequest, await self._guard.read_body(http, self._policy.max_request_bytes))
+            if request.model is not None:
+                self._check_model(request.model)
+            limits = await self._engine_limits()
+            tokens = await asyncio.to_thread(self._tokenizer.encode, request.prompt)
+        strs = self._tokenizer.pieces(tokens) if request.return_token_strs else None
+        return JSONResponse(TokenizeResponse(count=len(tokens), max_model_len=limits.max_total_length, tokens=tokens,
+                                             token_strs=strs).model_dump(mode="json"))
+
+    @api.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(self, http: HTTPRequest):
+        self._screen(http, has_body=True)
+        with self._guard.hold():
+            request = parse(DetokenizeRequest, await self._guard.read_body(http, self._policy.max_request_bytes))
+            if request.model is not None:
+                self._check_model(request.model)
+        vocab = self._tokenizer.vocab_size
+        bad = next((t for t in request.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"tokens: token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+        return JSONResponse(DetokenizeResponse(prompt=self._tokenizer.decode(request.tokens)).model_dump(mode="json"))
+
     @api.post("/generate", response_model=SaxmlGenerateResponse, responses=ERRORS)
     async def saxml_generate(self, http: HTTPRequest):
         arrived = time.perf_counter()
@@ -188,11 +229,19 @@ class Ingress:
         return JSONResponse(SaxmlGenerateResponse(generate_response=answer).model_dump(mode="json"))
 
     @api.get("/healthz")
+    @api.head("/healthz", include_in_schema=False)
     async def healthz(self, http: HTTPRequest) -> dict:
         screen_headers(http.headers.raw, self._args.max_header_count, self._args.max_header_bytes)
         return {"status": "alive"}
 
+    @api.get("/health")
+    @api.head("/health", include_in_schema=False)
+    async def health(self, http: HTTPRequest) -> dict:
+        """vLLM's name for liveness (guidellm checks it before a benchmark)."""
+        return await self.healthz(http)
+
     @api.get("/readyz", responses={503: error_doc("No model replica has loaded and warmed up yet.")})
+    @api.head("/readyz", include_in_schema=False)
     async def readyz(self, http: HTTPRequest):
         screen_headers(http.headers.raw, self._args.max_header_count, self._args.max_header_bytes)
         try:

@@ -21,11 +21,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.args import AppArgs
-from app.schemas import CompletionRequest, ErrorResponse, SaxmlGenerateRequest
+from app.schemas import CompletionRequest, DetokenizeRequest, ErrorResponse, SaxmlGenerateRequest, TokenizeRequest
 
-PARSED_BODIES = {"/v1/completions": CompletionRequest, "/generate": SaxmlGenerateRequest}
+PARSED_BODIES = {"/v1/completions": CompletionRequest, "/generate": SaxmlGenerateRequest,
+                 "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 # The routes that want the API key when one is required (app.ingress checks it), by method.
-PROTECTED = {"/v1/completions": "post", "/generate": "post", "/v1/models": "get", "/v1/stats": "get"}
+PROTECTED = {"/v1/completions": "post", "/generate": "post", "/v1/models": "get", "/v1/models/{model_id}": "get",
+             "/tokenize": "post", "/detokenize": "post", "/v1/stats": "get"}
 
 
 def error_doc(description: str) -> dict:
@@ -84,8 +86,10 @@ def openapi_document(api: FastAPI, args: AppArgs) -> dict:
     and the bearer scheme (with its 401s) on the protected routes when it requires a key."""
     schema = copy.deepcopy(_base_openapi(api))
     components = schema["components"]
-    for model in PARSED_BODIES.values():
+    for model in (CompletionRequest, SaxmlGenerateRequest):
         components["schemas"][model.__name__]["properties"]["model"]["enum"] = [args.model_name]
+    for model in (TokenizeRequest, DetokenizeRequest):  # optional there: a name or null
+        components["schemas"][model.__name__]["properties"]["model"]["anyOf"][0]["enum"] = [args.model_name]
     if args.api_key_env is not None:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, method in PROTECTED.items():

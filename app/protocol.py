@@ -39,6 +39,10 @@ class Chunk:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     text: str = ""
+    top_logprobs: list[dict[int, float]] | None = None  # per token, when the request asked for top_logprobs
+    # The request's prompt scores (model.serving.output.Output), on the chunk of its first token.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error", on a request's last chunk
     error: str | None = None
     error_status: int = 500  # the HTTP status for `error` (400: the engine rejected the request)

@@ -4,13 +4,22 @@ The same models serve HTTP (FastAPI parses the body into them) and Python handle
 (`serve.get_app_handle("gptj").generate.remote(CompletionRequest(...))`).
 
 Completions follow OpenAI's legacy completions API. `prompt` is a string, a list of strings, a list of
-token ids or a list of lists of token ids. Extra fields beyond OpenAI's: `top_k`, `ignore_eos` (keep
-generating past <|endoftext|>, for benchmarks) and `return_token_ids` (each choice also carries its
-prompt and completion token ids). OpenAI fields this server cannot honour are accepted only at their
-neutral values (penalties 0, no logit_bias, no suffix, best_of = n), so a client that sends the
-defaults works and one that asks for more is told so. Unknown fields are rejected: a typo never
-silently changes nothing. `logprobs` gives the chosen tokens' log-probabilities (the model's own
-distribution); top alternatives are not computed, so `top_logprobs` is null.
+token ids or a list of lists of token ids. Every field OpenAI's spec makes nullable takes `null` as its
+default. `logprobs: N` returns each token's log-probability under the model's own distribution and its
+N most likely alternatives (`top_logprobs`, the chosen token added when it is not among them, as
+OpenAI does); with `echo` the prompt's tokens are scored too (the first has none: null), and
+`max_tokens: 0` with `echo` scores the prompt only (lm-evaluation-harness's loglikelihoods). The
+penalties and `logit_bias` change what is sampled, never the logprobs reported. `best_of` samples
+that many candidates per prompt and returns the `n` with the highest cumulative logprob.
+
+Extra fields beyond OpenAI's, as vLLM's OpenAI server names them: `top_k` (0 or -1: off),
+`min_tokens`, `repetition_penalty`, `stop_token_ids`, `ignore_eos` (keep generating past
+<|endoftext|>, for benchmarks), `use_beam_search` (beam search over `best_of` beams, greedy; the best
+`n` beams are the choices) and `length_penalty`, and `stream_options.continuous_usage_stats`; and
+`return_token_ids` (each choice also carries its prompt and completion token ids). `suffix` is
+accepted only unset (this model cannot insert). Unknown fields are rejected: a typo never silently
+changes nothing. Limits that depend on the deployment (stop sequences, top logprobs) are checked by
+the ingress (app.completions), not here.
 
 Saxml's HTTP server took `{"model", "query", "extra_inputs": {...}}` and answered
 `{"generate_response": [[text, score], ...]}`, score being the sum of the chosen tokens' log-probabilities;
@@ -27,17 +36,21 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 PromptInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 INT32_MAX = 2**31 - 1  # the engine holds top_k and seeds as int32
 MAX_TEMPERATURE = 2.0  # OpenAI's range; the engine divides by it in float32
-MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop sequence (the body limit counts on it: app.completions)
+MAX_BIAS = 100.0  # OpenAI's range for logit_bias values
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty
 # JSON schema for what the field validators below enforce (the published OpenAPI document must
-# refuse what the server refuses): non-empty prompts, at most 4 non-empty stop strings of at most
-# MAX_STOP_CHARS characters.
+# refuse what the server refuses): non-empty prompts, non-empty stop strings of at most
+# MAX_STOP_CHARS characters (how many: AppArgs.max_stops, which app.openapi writes in).
 _TEXT = {"type": "string", "minLength": 1}
 _IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 PROMPT_SCHEMA = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _IDS,
                            {"type": "array", "items": _IDS, "minItems": 1}]}
 _STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
-STOP_SCHEMA = {"anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOPS}, {"type": "null"}]}
+STOP_SCHEMA = {"anyOf": [_STOP, {"type": "array", "items": _STOP}, {"type": "null"}]}
+LOGIT_BIAS_SCHEMA = {"anyOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+                                "additionalProperties": {"type": "number", "minimum": -MAX_BIAS, "maximum": MAX_BIAS}},
+                               {"type": "null"}]}
 
 
 def _check_text(text: str, what: str) -> None:
@@ -69,7 +82,15 @@ def prompt_list(prompt: PromptInput) -> list[str] | list[list[int]]:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: bool | None = Field(False, description="a last event with the usage, and no choices")
+    continuous_usage_stats: bool | None = Field(False, description="usage so far in every event (vLLM's)")
+
+
+# Fields whose `null` means their default (OpenAI's spec makes them nullable; vLLM accepts null too).
+NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "n", "stop", "logprobs", "echo", "stream", "stream_options",
+                   "user", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "best_of",
+                   "suffix", "min_tokens", "stop_token_ids", "ignore_eos", "use_beam_search", "length_penalty",
+                   "return_token_ids", "seed", "max_tokens")
 
 
 class CompletionRequest(BaseModel):
@@ -80,26 +101,48 @@ class CompletionRequest(BaseModel):
 
     model: str
     prompt: PromptInput = Field(json_schema_extra=PROMPT_SCHEMA)
-    max_tokens: int | None = Field(None, ge=1, description="default: the app's default_max_tokens")
-    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, le=INT32_MAX, description="0 = off (an extra field, not in OpenAI's API)")
-    n: int = Field(1, ge=1, description="completions per prompt")
+    max_tokens: int | None = Field(None, ge=0, description="default: the app's default_max_tokens; 0 only with echo "
+                                   "(the prompt is scored, nothing generated)")
+    temperature: float | None = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy")
+    top_p: float | None = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(0, ge=-1, le=INT32_MAX, description="0 or -1 = off (vLLM's extra field)")
+    n: int | None = Field(1, ge=1, description="completions per prompt")
     stop: StrictStr | list[StrictStr] | None = Field(None, json_schema_extra=STOP_SCHEMA)
     seed: int | None = Field(None, ge=0, le=INT32_MAX, description="choice i of n uses (seed + i) mod 2**31")
-    logprobs: int | None = Field(None, ge=0, le=5, description="return chosen-token logprobs")
-    echo: bool = False
-    stream: bool = False
+    logprobs: int | None = Field(None, ge=0, description="return each token's logprob and this many most likely "
+                                 "alternatives (at most the app's max_top_logprobs, 5 by default)")
+    echo: bool | None = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False
-    return_token_ids: bool = False
-    # Accepted for compatibility at their neutral values only.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    presence_penalty: float | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False,
+                                           description="subtracted from the logit of every token generated so far")
+    frequency_penalty: float | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False,
+                                            description="times each token was generated so far, subtracted from its logit")
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=LOGIT_BIAS_SCHEMA,
+                                                description="token id -> bias in [-100, 100] added to its logit")
+    best_of: int | None = Field(None, ge=1, description="candidates per prompt (>= n); the n best by cumulative "
+                                "logprob are returned; with use_beam_search: the beams")
+    suffix: str | None = Field(None, description="accepted only unset: this model cannot insert text")
+    # vLLM's extra fields
+    repetition_penalty: float | None = Field(1.0, gt=0, allow_inf_nan=False,
+                                             description="transformers': logits of prompt and generated tokens divided "
+                                             "by it when positive, multiplied when negative; 1 = off")
+    min_tokens: int | None = Field(0, ge=0, description="EOS, stop tokens and stop strings cannot end a choice before "
+                                   "this many tokens")
+    stop_token_ids: list[StrictInt] | None = Field(None, description="token ids that end a choice (not returned)")
+    ignore_eos: bool | None = False
+    use_beam_search: bool | None = Field(False, description="beam search with best_of (or n) beams, greedy")
+    length_penalty: float | None = Field(1.0, allow_inf_nan=False,
+                                         description="beam search: a beam scores sum(logprobs) / length ** this")
+    return_token_ids: bool | None = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_IS_DEFAULT)}
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -116,8 +159,6 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _stop_strings(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         if any(len(s) > MAX_STOP_CHARS for s in stops):
@@ -126,27 +167,22 @@ class CompletionRequest(BaseModel):
             _check_text(text, "stop")
         return stop
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, value, info):
-        if value != 0:
-            raise ValueError(f"{info.field_name} is not supported (only 0)")
-        return value
+    def _bias(cls, bias):
+        for token, value in (bias or {}).items():
+            if not (token.isascii() and token.isdigit()):
+                raise ValueError(f"keys must be token ids (decimal integers), got {token[:40]!r}")
+            if not -MAX_BIAS <= value <= MAX_BIAS:
+                raise ValueError(f"the bias of token {token} must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {value}")
+        return bias
 
-    @field_validator("logit_bias", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value, info):
         if value:
             raise ValueError(f"{info.field_name} is not supported")
         return value
-
-    @model_validator(mode="after")
-    def _compatible(self) -> "CompletionRequest":
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported (leave it unset or equal to n)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported (prompt logprobs are not computed)")
-        return self
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -155,8 +191,8 @@ class CompletionRequest(BaseModel):
 
 class Logprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # None: the first prompt token (echo), which nothing precedes
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -203,6 +239,47 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM's /tokenize and /detokenize
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: text to token ids with the served model's tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
+
+    model: str | None = Field(None, description="optional; when given, the served model's name")
+    prompt: StrictStr
+    add_special_tokens: bool | None = Field(True, description="accepted; GPT-J's tokenizer adds none")
+    return_token_strs: bool | None = Field(False, description="also return each token's byte-level BPE piece")
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_text(cls, prompt):
+        _check_text(prompt, "prompt")
+        return prompt
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids to text."""
+
+    model_config = ConfigDict(extra="forbid", revalidate_instances="always")
+
+    model: str | None = Field(None, description="optional; when given, the served model's name")
+    tokens: list[StrictInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} is outside the vocabulary [0, {len(self._token_bytes)})")
         return self._token_bytes[token_id]
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each token's piece as the vocabulary spells it (byte-level BPE: "Ġworld" for " world")."""
+        return [self._tok.id_to_token(i) for i in ids]
+
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 

@@ -133,12 +133,13 @@ def test_policy_from_args(tokenizer):
 
 
 def test_default_body_limit_is_what_the_largest_valid_request_can_use():
-    """max_prompts prompts of the longest bucket at 16 bytes a token, 4 stop strings of 256 characters
-    escaped at 6 bytes each, 4 KiB for the other fields: 74 KiB locally (512-token bucket), not 1 MiB."""
-    assert default_request_bytes(AppArgs()) == 4096 + 4 * 256 * 6 + 8 * 512 * 16 == 75776
-    assert default_request_bytes(AppArgs(prompt_buckets=(128, 1919), max_prompts=1)) == 4096 + 6144 + 1919 * 16
-    assert ServerPolicy.from_args(AppArgs(), Tokenizer.gpt2()).max_request_bytes == 75776
-
+    """max_prompts prompts of the longest bucket at 16 bytes a token, 16 stop strings of 256 characters
+    escaped at 6 bytes each, 300 logit_bias entries at 32 bytes, 4 KiB for the other fields: 101 KiB
+    locally (512-token bucket), not 1 MiB."""
+    assert default_request_bytes(AppArgs()) == 4096 + 16 * 256 * 6 + 300 * 32 + 8 * 512 * 16 == 103808
+    assert default_request_bytes(AppArgs(prompt_buckets=(128, 1919), max_prompts=1, max_stops=4)) == (
+        4096 + 6144 + 9600 + 1919 * 16)
+    assert ServerPolicy.from_args(AppArgs(), Tokenizer.gpt2()).max_request_bytes == 103808
 
 def test_longest_token_bounds_the_text_a_prompt_can_have(tokenizer):
     assert longest_token_bytes(tokenizer) == 128  # GPT-2's vocabulary
