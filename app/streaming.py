@@ -63,7 +63,8 @@ class Timing:
         first, tokens = self._first.get(chunk.request_id, (now, 0))
         tokens += len(chunk.token_ids)
         self._first[chunk.request_id] = (first, tokens)
-        self._metrics.output_tokens.inc(len(chunk.token_ids), tags=self._tags)
+        if chunk.token_ids:  # a choice can end with none (a prompt only scored, EOS first): Counter.inc(0) raises
+            self._metrics.output_tokens.inc(len(chunk.token_ids), tags=self._tags)
         if chunk.finished and tokens > 1:
             self._metrics.time_per_output_token.observe((now - first) / (tokens - 1), tags=self._tags)
 

@@ -48,7 +48,8 @@ def test_completion_round_trip(client, serve_app):
     lp = choice["logprobs"]
     assert lp["tokens"] == [tokenizer.decode([t]) for t in choice["token_ids"]]
     assert len(lp["token_logprobs"]) == 12 and all(x <= 0 for x in lp["token_logprobs"])
-    assert lp["text_offset"][0] == 0 and lp["top_logprobs"] is None
+    assert lp["text_offset"][0] == 0  # logprobs 0: no alternatives, the chosen token itself
+    assert lp["top_logprobs"] == [{t: x} for t, x in zip(lp["tokens"], lp["token_logprobs"])]
     assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
 
     # A stop string cuts the text before it, with finish_reason "stop".
@@ -149,22 +150,29 @@ BAD_COMPLETIONS = [
     ("token id negative", {"prompt": [[5, -1]]}, 400, "prompt"),
     ("prompt over buckets", {"prompt": _prompt_ids(65)}, 400, "prompt"),
     ("over the context", {"prompt": _prompt_ids(60), "max_tokens": 200}, 400, "max_tokens"),
-    ("max_tokens zero", {"max_tokens": 0}, 422, "max_tokens"),
+    ("max_tokens zero without echo", {"max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens negative", {"max_tokens": -5}, 422, "max_tokens"),
     ("max_tokens wrong type", {"max_tokens": "ten"}, 422, "max_tokens"),
     ("temperature negative", {"temperature": -0.1}, 422, "temperature"),
     ("top_p zero", {"top_p": 0}, 422, "top_p"),
     ("top_p above one", {"top_p": 1.5}, 422, "top_p"),
-    ("top_k negative", {"top_k": -1}, 422, "top_k"),
+    ("top_k below -1", {"top_k": -2}, 422, "top_k"),
     ("top_k beyond int32", {"top_k": 2**40}, 422, "top_k"),
     ("seed beyond int32", {"seed": 2**40}, 422, "seed"),
     ("n zero", {"n": 0}, 422, "n"),
     ("n above max_n", {"n": 9}, 400, "n"),
     ("too many completions", {"prompt": ["a", "b", "c"], "n": 3}, 400, "n"),
-    ("too many stops", {"stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
+    ("too many stops", {"stop": [str(i) for i in range(17)]}, 400, "stop"),
     ("unknown field", {"temprature": 0.5}, 422, "temprature"),
-    ("unsupported penalty", {"presence_penalty": 0.5}, 422, "presence_penalty"),
-    ("echo with logprobs", {"echo": True, "logprobs": 1}, 422, "body"),
+    ("penalty out of range", {"presence_penalty": 2.5}, 422, "presence_penalty"),
+    ("repetition penalty zero", {"repetition_penalty": 0}, 422, "repetition_penalty"),
+    ("logit_bias key not a token id", {"logit_bias": {"hello": 1}}, 422, "logit_bias"),
+    ("logit_bias beyond the vocabulary", {"logit_bias": {"50400": 1}}, 400, "logit_bias"),
+    ("logprobs above the maximum", {"logprobs": 6}, 400, "logprobs"),
+    ("stream_options without stream", {"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("best_of below n", {"n": 2, "best_of": 1}, 400, "best_of"),
+    ("min_tokens above max_tokens", {"min_tokens": 5}, 400, "min_tokens"),
+    ("suffix", {"suffix": "x"}, 422, "suffix"),
 ]
 
 
