@@ -39,6 +39,7 @@ from app.schemas import (
     Usage,
     prompt_list,
 )
+from model.serving.output import Beam
 from model.serving.request import MAX_LOGIT_BIAS, Limits, Request, RequestRejected
 from model.text.tokenizer import Tokenizer
 
@@ -289,6 +290,7 @@ class _Candidate:
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     finish_reason: str | None = None
     started: bool = False  # a chunk arrived (the echoed prompt goes out with the first)
+    beams: list[Beam] | None = None  # a beam search's finished beams, best first
 
     @property
     def cumulative_logprob(self) -> float:
@@ -326,6 +328,7 @@ class CompletionAssembler:
         tops = chunk.top_logprobs if chunk.top_logprobs is not None else [None] * len(chunk.token_ids)
         c.top_logprobs += tops
         c.finish_reason = chunk.finish_reason
+        c.beams = chunk.beams if chunk.beams is not None else c.beams
         echoed = self._prompt_text[c.prompt] if first else ""
         logprobs = None
         if self._request.logprobs is not None:
@@ -343,9 +346,11 @@ class CompletionAssembler:
         return bool(options and options.continuous_usage_stats)
 
     def usage(self) -> Usage:
-        """Prompt tokens once per prompt; completion tokens of every candidate (best_of ones included)."""
+        """Prompt tokens once per prompt; completion tokens of every candidate (best_of ones included),
+        or of the beams returned."""
         prompt = sum(len(c.prompt_ids) for c in self._candidates[:: self._per_prompt])
-        completion = sum(len(c.token_ids) for c in self._candidates)
+        completion = sum(sum(len(self._beam_tokens(b)) for b in c.beams[: self._request.n]) if c.beams
+                         else len(c.token_ids) for c in self._candidates)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def usage_event(self) -> CompletionChunk:
@@ -358,6 +363,16 @@ class CompletionAssembler:
         n, choices = self._request.n, []
         for i in range(len(self._prompt_text)):
             group = self._candidates[i * self._per_prompt : (i + 1) * self._per_prompt]
+            if group[0].beams:  # use_beam_search: the n best beams are the choices
+                for beam in group[0].beams[:n]:
+                    tokens = self._beam_tokens(beam)
+                    choices.append(CompletionChoice(
+                        index=len(choices), text=self._prompt_text[i] + beam.text,
+                        finish_reason="stop" if len(tokens) < len(beam.token_ids) else "length",
+                        prompt_token_ids=group[0].prompt_ids if self._request.return_token_ids else None,
+                        token_ids=tokens if self._request.return_token_ids else None,
+                    ))
+                continue
             if len(group) > n:
                 group = sorted(group, key=lambda c: c.cumulative_logprob, reverse=True)[:n]
             for c in group:
@@ -372,6 +387,11 @@ class CompletionAssembler:
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage()
         )
+
+    def _beam_tokens(self, beam: Beam) -> list[int]:
+        """A beam's tokens without the EOS it ended on (a stop token is never returned)."""
+        ended = beam.token_ids and beam.token_ids[-1] == self._tokenizer.eos_id
+        return beam.token_ids[:-1] if ended else beam.token_ids
 
     def _logprobs(self, c: _Candidate, token_ids: list[int], logprobs: list[float],
                   tops: list[dict[int, float] | None], start: int, with_prompt: bool) -> Logprobs:

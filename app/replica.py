@@ -128,6 +128,8 @@ class _ChunkBuffer:
         chunk.token_ids += out.token_ids
         chunk.logprobs += out.logprobs
         chunk.text += out.text
+        if out.top_logprobs is not None:
+            chunk.top_logprobs = (chunk.top_logprobs or []) + out.top_logprobs
         if out.prompt_logprobs is not None:
             chunk.prompt_logprobs, chunk.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
         if out.finished:

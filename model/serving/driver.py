@@ -184,7 +184,7 @@ class Driver:
                 continue
             s = owner[0]
             if s.beams == 1:
-                self._accept(s, int(tokens[slot]), float(logprobs[slot]))
+                self._accept(s, int(tokens[slot]), float(logprobs[slot]), top_tokens[slot], top_logprobs[slot])
             elif slot == s.slot:  # once per beam request, over all its slots
                 self._beam_step(s, top_tokens[s.slots], top_logprobs[s.slots], forks, copies)
         self._fork(forks, copies)
@@ -231,7 +231,7 @@ class Driver:
         forks, copies = [], []
         for row, s in enumerate(requests):
             if s.beams == 1:
-                self._accept(s, int(tokens[row]), float(logprobs[row]))
+                self._accept(s, int(tokens[row]), float(logprobs[row]), top_tokens[row], top_logprobs[row])
                 continue
             r = s.request
             self._beams[r.request_id] = BeamSearch(r.num_beams, r.max_tokens, self.engine.eos_token_id, r.min_tokens,
@@ -281,9 +281,13 @@ class Driver:
         if final:
             self._stream(s).score_prompt(*self._scored.pop(s.request_id))
 
-    def _accept(self, s: Scheduled, token: int, logprob: float) -> None:
+    def _accept(self, s: Scheduled, token: int, logprob: float, top_tokens=None, top_logprobs=None) -> None:
+        """`s`'s next token, with its row of the step's top candidates (host arrays, best first), of
+        which the request's `top_logprobs` best are reported."""
         s.generated.append(token)
-        out = self._stream(s).accept(token, logprob)
+        k = s.request.top_logprobs
+        top = dict(zip(top_tokens[:k].tolist(), top_logprobs[:k].tolist())) if k else None
+        out = self._stream(s).accept(token, logprob, top)
         self.stats["tokens_out"] += len(out.token_ids)
         if out.finished:
             self._end(s)

@@ -45,6 +45,7 @@ class Output:
     error: str | None = None
     score: float | None = None  # beam search: the best beam's score (its tokens are `token_ids`)
     beams: list[Beam] | None = None  # beam search: every finished beam, best first
+    top_logprobs: list[dict[int, float]] | None = None  # per token: its `top_logprobs` most likely, best first
     # The first Output of a request with `prompt_logprobs`: per prompt token (the first has none: None),
     # its logprob and the request's `prompt_logprobs` most likely tokens at its position, best first.
     prompt_logprobs: list[float | None] | None = None
@@ -65,6 +66,7 @@ class Result:
     beams: list[Beam] | None = None
     prompt_logprobs: list[float | None] | None = None  # see Output
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    top_logprobs: list[dict[int, float]] | None = None  # per token, when the request asked for top_logprobs
 
     @staticmethod
     def of(request: Request, outputs: list[Output]) -> "Result":
@@ -79,6 +81,7 @@ class Result:
             beams=outputs[-1].beams,
             prompt_logprobs=outputs[0].prompt_logprobs,
             prompt_top_logprobs=outputs[0].prompt_top_logprobs,
+            top_logprobs=[t for o in outputs for t in o.top_logprobs or ()] if request.top_logprobs else None,
         )
 
 
@@ -99,8 +102,9 @@ class OutputStream:
         """The prompt's scores (see Output), delivered with the next Output."""
         self._prompt_scores = (logprobs, top)
 
-    def accept(self, token: int, logprob: float) -> Output:
-        """The request's next sampled token; the Output is `finished` when it ended the request."""
+    def accept(self, token: int, logprob: float, top: dict[int, float] | None = None) -> Output:
+        """The request's next sampled token (and the most likely tokens there, when the request asks
+        for `top_logprobs`); the Output is `finished` when it ended the request."""
         if self.request.max_tokens == 0:  # the prompt is scored: nothing to generate
             return self.end("length")
         if token in self._stop_ids:
@@ -120,9 +124,12 @@ class OutputStream:
             self._text += self._detok.flush()
             reason = "length"
         if reason is not None:
-            return self.end(reason, [token], [logprob])
-        safe = max(self._sent, len(self._text) - max(self._longest_stop - 1, 0))
-        return self._output([token], [logprob], safe)
+            out = self.end(reason, [token], [logprob])
+        else:
+            out = self._output([token], [logprob], max(self._sent, len(self._text) - max(self._longest_stop - 1, 0)))
+        if top is not None:
+            out.top_logprobs = [top]
+        return out
 
     def end(self, reason: str, token_ids=(), logprobs=(), error: str | None = None) -> Output:
         """The last Output: the rest of the text, with `reason` ("cancelled", "error" when ended from outside)."""

@@ -175,7 +175,7 @@ class Limits:
                                       f"{r.num_beams})", "num_beams")
             if r.top_logprobs or r.prompt_logprobs is not None:
                 raise RequestRejected(f"top and prompt logprobs are not reported with beam search (num_beams="
-                                      f"{r.num_beams})", "logprobs")
+                                      f"{r.num_beams})", "top_logprobs" if r.top_logprobs else "prompt_logprobs")
 
     def check_beams(self, r: Request) -> None:
         """Beam search settings: up to `max_beams` beams, greedy, ended by EOS and max_tokens only."""

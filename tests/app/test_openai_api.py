@@ -93,7 +93,8 @@ def test_min_tokens_holds_against_a_boosted_eos_and_penalties_change_the_output(
     choice = held["choices"][0]
     assert len(choice["token_ids"]) == 4 and choice["finish_reason"] == "stop"
     plain = client.post("/v1/completions", json={**base, "ignore_eos": True}).json()["choices"][0]["text"]
-    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 2.0}):
+    # (this random model repeats nothing in 10 greedy tokens: negative penalties make it repeat)
+    for penalty in ({"presence_penalty": -2.0}, {"frequency_penalty": -2.0}, {"repetition_penalty": 0.1}):
         changed = client.post("/v1/completions", json={**base, "ignore_eos": True, **penalty}).json()
         assert changed["choices"][0]["text"] != plain, penalty
 
@@ -108,6 +109,21 @@ def test_best_of_returns_the_best_candidates(client):
                for j in range(4)]
     candidates = sorted((sum(s["choices"][0]["logprobs"]["token_logprobs"]) for s in singles), reverse=True)
     np.testing.assert_allclose(sums, candidates[:2], atol=1e-5)
+
+
+def test_use_beam_search_returns_transformers_beams(client, serve_app, tokenizer):
+    import torch
+
+    ids = tokenizer.encode(PROMPT)
+    r = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                                             "use_beam_search": True, "best_of": 3, "n": 2, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    with torch.no_grad():
+        hf = serve_app.checkpoint.torch_model.generate(
+            torch.tensor([ids]), max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False,
+            early_stopping=True, length_penalty=1.0, pad_token_id=EOS, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    expected = [[t for t in row[len(ids):].tolist() if t != EOS] for row in hf]
+    assert [c["token_ids"] for c in r.json()["choices"]] == expected
 
 
 def test_tokenize_detokenize_health_and_models_retrieve(client, openai_client, serve_app, tokenizer):

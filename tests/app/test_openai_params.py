@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from app.completions import CompletionAssembler, ServerPolicy, plan_completion
 from app.protocol import Chunk, InvalidRequest
 from app.schemas import CompletionRequest, StreamOptions
+from model.serving.output import Beam
 from model.serving.request import Limits
 from model.text.tokenizer import Tokenizer
 
@@ -129,3 +130,17 @@ def test_continuous_usage_stats_in_every_event(tokenizer):
     rid = p.requests[0].request_id
     assert asm.add(Chunk(rid, [11], [-1.0], ",")).usage.completion_tokens == 1
     assert asm.add(Chunk(rid, [13, 13], [-1.0, -1.0], "..", finish_reason="length")).usage.total_tokens == 2 + 3
+
+
+def test_beam_search_returns_the_best_beams_as_the_choices(tokenizer):
+    req = request(use_beam_search=True, best_of=3, n=2, temperature=0, max_tokens=3, return_token_ids=True)
+    p = plan_completion(req, tokenizer, LIMITS, POLICY)
+    asm = CompletionAssembler(req, p, "m", tokenizer)
+    beams = [Beam([11, 13, 50256], [-0.1, -0.2, -0.3], ",.", -0.2), Beam([13, 13, 13], [-0.5] * 3, "...", -0.5),
+             Beam([0, 0, 0], [-1.0] * 3, "!!!", -1.0)]
+    asm.add(Chunk(p.requests[0].request_id, [11, 13, 50256], [-0.1, -0.2, -0.3], ",.", finish_reason="stop",
+                  beams=beams))
+    response = asm.response()
+    assert [(c.index, c.text, c.finish_reason, c.token_ids) for c in response.choices] == [
+        (0, ",.", "stop", [11, 13]), (1, "...", "length", [13, 13, 13])]
+    assert response.usage.completion_tokens == 5

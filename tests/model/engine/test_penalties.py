@@ -56,7 +56,7 @@ def reference_scores(hf_checkpoint, prompt):
 def test_prompt_logprobs_equal_transformers(engine, hf_checkpoint, tokenizer):
     """Whole and chunked prompts, beside a request that does not ask and one that only scores."""
     before = compilation_count()  # process-wide: count this run's only
-    asked = [Request(p, 3, prompt_logprobs=5, request_id=f"asks-{i}") for i, p in enumerate(PROMPTS)]
+    asked = [Request(p, 3, prompt_logprobs=5, top_logprobs=4, request_id=f"asks-{i}") for i, p in enumerate(PROMPTS)]
     plain = Request(PROMPTS[0], 3, request_id="plain")
     scored_only = Request(PROMPTS[1], 0, prompt_logprobs=2, request_id="max-tokens-0")
     driver = Driver(engine, tokenizer)
@@ -70,6 +70,11 @@ def test_prompt_logprobs_equal_transformers(engine, hf_checkpoint, tokenizer):
             assert list(got) == list(want)  # the same tokens, best first
             np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-4)
         assert len(result.token_ids) == 3
+        # the generated tokens' top logprobs (the first from the prefill, then decode steps)
+        chosen, best = reference_scores(hf_checkpoint, prompt + result.token_ids)
+        for got, want in zip(result.top_logprobs, best[len(prompt) - 1 :]):
+            assert list(got) == list(want)[:4]
+            np.testing.assert_allclose(list(got.values()), list(want.values())[:4], atol=1e-4)
     assert results[2].prompt_logprobs is None and results[2].token_ids == results[0].token_ids
     only = results[3]
     assert only.token_ids == [] and only.finish_reason == "length" and len(only.prompt_top_logprobs[1]) == 2
