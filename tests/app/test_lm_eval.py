@@ -78,10 +78,13 @@ def test_local_completions_equals_hf(masked_app, tmp_path):
     print(f"\nlm_eval hf {hf_s:.1f} s, local-completions {served_s:.1f} s")
     mc, gen = TASKS
     assert set(served[mc]) == set(hf[mc]) == set(range(8))
+    largest = 0.0
     for doc, want in hf[mc].items():
         got = served[mc][doc]
         for (lp, greedy), (lp_hf, greedy_hf) in zip((r[0] for r in got["resps"]), (r[0] for r in want["resps"])):
+            largest = max(largest, abs(float(lp) - float(lp_hf)))
             assert abs(float(lp) - float(lp_hf)) < 1e-3 and greedy == greedy_hf, doc
         assert got["acc"] == want["acc"], doc
+    print(f"largest loglikelihood difference {largest:.2e}")
     for doc, want in hf[gen].items():
         assert served[gen][doc]["resps"] == want["resps"] and served[gen][doc]["exact_match"] == want["exact_match"]
