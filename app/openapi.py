@@ -88,6 +88,8 @@ def openapi_document(api: FastAPI, args: AppArgs) -> dict:
     components = schema["components"]
     for model in (CompletionRequest, SaxmlGenerateRequest):
         components["schemas"][model.__name__]["properties"]["model"]["enum"] = [args.model_name]
+    logprobs = components["schemas"][CompletionRequest.__name__]["properties"]["logprobs"]["anyOf"][0]
+    logprobs["maximum"] = args.max_top_logprobs  # the engine's (engine_options), which the ingress checks
     for model in (TokenizeRequest, DetokenizeRequest):  # optional there: a name or null
         components["schemas"][model.__name__]["properties"]["model"]["anyOf"][0]["enum"] = [args.model_name]
     if args.api_key_env is not None:

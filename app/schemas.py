@@ -39,6 +39,8 @@ MAX_TEMPERATURE = 2.0  # OpenAI's range; the engine divides by it in float32
 MAX_STOP_CHARS = 256  # characters per stop sequence (the body limit counts on it: app.completions)
 MAX_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty
+MAX_LOGPROBS = 20  # the ceiling of AppArgs.max_top_logprobs (vLLM's default max_logprobs); app.openapi
+#                    publishes the deployment's own maximum
 # JSON schema for what the field validators below enforce (the published OpenAPI document must
 # refuse what the server refuses): non-empty prompts, non-empty stop strings of at most
 # MAX_STOP_CHARS characters (how many: AppArgs.max_stops, which app.openapi writes in).
@@ -109,7 +111,7 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(1, ge=1, description="completions per prompt")
     stop: StrictStr | list[StrictStr] | None = Field(None, json_schema_extra=STOP_SCHEMA)
     seed: int | None = Field(None, ge=0, le=INT32_MAX, description="choice i of n uses (seed + i) mod 2**31")
-    logprobs: int | None = Field(None, ge=0, description="return each token's logprob and this many most likely "
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="return each token's logprob and this many most likely "
                                  "alternatives (at most the app's max_top_logprobs, 5 by default)")
     echo: bool | None = False
     stream: bool | None = False

@@ -175,7 +175,7 @@ def test_timing_records_ttft_once_and_tpot_per_choice():
     t.on_chunk(tokens("a", 3, finish="length"))
     t.on_chunk(tokens("b", finish="stop"))  # b: one token, no time per token
     assert len(metrics.ttft.values) == 1 and metrics.ttft.values[0][1] == {"api": "completions"}
-    assert [v for v, _ in metrics.output_tokens.values] == [2, 1, 1, 0]
+    assert [v for v, _ in metrics.output_tokens.values] == [2, 1, 1]  # no inc(0): Ray's Counter raises on it
     [(tpot, tags)] = metrics.time_per_output_token.values
     assert tpot >= 0 and tags == {"api": "completions"}
 

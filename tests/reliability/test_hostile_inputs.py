@@ -160,8 +160,9 @@ def resolve(document: dict, schema: dict) -> dict:
 def test_openapi_lists_every_route_with_its_body_and_errors(openapi):
     paths = openapi["paths"]
     assert {p: sorted(ops) for p, ops in paths.items()} == {
-        "/v1/completions": ["post"], "/generate": ["post"], "/v1/models": ["get"],
-        "/healthz": ["get"], "/readyz": ["get"], "/v1/stats": ["get"],
+        "/v1/completions": ["post"], "/generate": ["post"], "/v1/models": ["get"], "/v1/models/{model_id}": ["get"],
+        "/tokenize": ["post"], "/detokenize": ["post"], "/healthz": ["get"], "/health": ["get"], "/readyz": ["get"],
+        "/v1/stats": ["get"],
     }
     for path, model in (("/v1/completions", "CompletionRequest"), ("/generate", "SaxmlGenerateRequest")):
         operation = paths[path]["post"]
