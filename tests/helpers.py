@@ -68,3 +68,12 @@ def make_hf_checkpoint(directory, cfg: GPTJConfig = TEST_CONFIG, seed: int = 0, 
                 p.copy_(0.15 * torch.randn_like(p))
     model.save_pretrained(str(directory), **save_kwargs)
     return HFCheckpoint(os.fspath(directory), cfg)
+
+
+def json_rows(stdout: str) -> list[dict]:
+    """The JSON lines a CLI printed. A process connected to a Ray cluster also gets what the cluster's
+    processes print (Ray's log monitor writes it to this process's stdout, e.g. a raylet warning about
+    worker counts), at any moment: those lines are not the CLI's and are skipped."""
+    import json
+
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]

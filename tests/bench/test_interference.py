@@ -2,11 +2,11 @@
 engine in this process (alternated) and through the served app over HTTP (the session's Ray cluster)."""
 
 import argparse
-import json
 
 import pytest
 
 from bench import interference
+from tests.helpers import json_rows
 
 KEYS = {"backend", "chunked", "chunk", "median_step_ms", "max_gap_ms", "long_ttft_ms", "gaps_during_prefill",
         "median_free_step_ms", "prefill_chunks", "compilations"}
@@ -15,7 +15,7 @@ KEYS = {"backend", "chunked", "chunk", "median_step_ms", "max_gap_ms", "long_ttf
 def test_unchunked_then_chunked_rows(capsys):
     assert interference.main(["--checkpoint", "tiny", "--decoders", "2", "--long-prompt", "60", "--chunk", "32",
                               "--new-tokens", "16", "--max-cache-len", "64", "--repeats", "2", "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = json_rows(capsys.readouterr().out)
     assert [(r["chunked"], r["chunk"], r["repeat"]) for r in rows] == [(False, None, 0), (True, 32, 0),
                                                                         (False, None, 1), (True, 32, 1)]
     for r in rows:
@@ -67,7 +67,7 @@ def test_http_backend_measures_through_the_served_app(ray_cluster, capsys):
     assert interference.main(["--checkpoint", "tiny", "--decoders", "2", "--long-prompt", "60", "--chunk", "32",
                               "--new-tokens", "400", "--max-cache-len", "512", "--repeats", "1", "--backend", "http",
                               "--join", ray_cluster, "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = json_rows(capsys.readouterr().out)
     assert [(r["backend"], r["chunked"], r["chunk"], r["repeat"]) for r in rows] == [("http", False, None, 0),
                                                                                    ("http", True, 32, 0)]
     for r in rows:

@@ -1,17 +1,16 @@
 """The bench.prefix output contract: cold and warm TTFT and the hit rate, from the driver's counters
 (engine in this process) and from the served app's /v1/stats (over HTTP, in the session's Ray cluster)."""
 
-import json
-
 import pytest
 
 from bench import prefix
+from tests.helpers import json_rows
 
 
 def test_warm_requests_hit_the_shared_prefix(capsys):
     assert prefix.main(["--checkpoint", "tiny", "--prefix-len", "32", "--suffix-len", "16", "--requests", "4",
                         "--chunk", "32", "--max-cache-len", "64", "--json"]) == 0
-    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (row,) = json_rows(capsys.readouterr().out)
     assert row["backend"] == "engine"
     assert row["ttft_ms_cold"] > 0 and 0 < row["ttft_ms_warm"] <= row["ttft_ms_warm_max"]
     # queries: every prompt's 48 tokens; hits: the 2 pages of the prefix, for each of the 3 warm requests
@@ -32,7 +31,7 @@ def test_http_backend_counts_the_app_s_hits(ray_cluster, capsys):
     assert prefix.main(["--checkpoint", "tiny", "--prefix-len", "128", "--suffix-len", "8", "--requests", "8",
                         "--chunk", "32", "--max-cache-len", "160", "--backend", "http", "--join", ray_cluster,
                         "--json"]) == 0
-    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (row,) = json_rows(capsys.readouterr().out)
     assert row["backend"] == "http"
     assert row["ttft_ms_cold"] > 0 and 0 < row["ttft_ms_warm"] <= row["ttft_ms_warm_max"]
     # this run's own counters (the throw-away requests before it excluded): every prompt's 136 tokens;
